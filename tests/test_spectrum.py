@@ -1,0 +1,117 @@
+"""Quadrature, density, trace and outliers on matrices with known spectra."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hessspec import spectrum
+from hessspec.lanczos import lanczos
+from tests import reference as ref
+
+
+def test_single_node_density_is_the_papers_gaussian():
+    nodes = np.array([[0.0, 3.0]])
+    weights = np.array([[0.25, 0.75]])
+    d = spectrum.density(nodes, weights, sigma2=1e-3, num_points=20001)
+    s2 = 1e-3 * max(1.0, 3.0)  # the paper's convention: sigma^2 * max(1, width)
+    assert d.sigma2 == pytest.approx(s2)
+    expected = (0.25 * np.exp(-0.5 * d.grid**2 / s2) + 0.75 * np.exp(-0.5 * (d.grid - 3) ** 2 / s2)) / np.sqrt(
+        2 * np.pi * s2
+    )
+    # The grid covers >= 5 kernel widths on each side, so the normalisation changes the values by < 1e-6.
+    np.testing.assert_allclose(d.values, expected, rtol=1e-6, atol=1e-12)
+    assert np.trapezoid(d.values, d.grid) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_narrow_width_uses_unit_floor():
+    d = spectrum.density(np.array([[0.1, 0.2]]), np.array([[0.5, 0.5]]))
+    assert d.sigma2 == pytest.approx(1e-5)
+
+
+def test_moments_and_trace_are_exact_per_probe():
+    ev = np.linspace(-2, 5, 80)
+    A, _ = ref.symmetric_with_spectrum(ev, seed=2)
+    g = torch.Generator().manual_seed(0)
+    Z = (torch.randint(0, 2, (80, 4), generator=g) * 2 - 1).double()
+    res = lanczos(lambda V: A @ V, Z / np.sqrt(80), 10)
+    q = spectrum.quadrature(res.alpha.numpy(), res.beta.numpy())
+    hutch = torch.einsum("ip,ij,jp->p", Z, A, Z).numpy()  # z^T A z per probe
+    tr, se = spectrum.trace_estimate(q.nodes, q.weights, 80)
+    assert tr == pytest.approx(hutch.mean(), rel=1e-12)
+    assert se == pytest.approx(hutch.std(ddof=1) / 2, rel=1e-10)
+    mean, _ = spectrum.moments(q.nodes, q.weights, orders=3)
+    A2 = torch.einsum("ip,ij,jp->p", Z, A @ A, Z).numpy() / 80
+    assert mean[1] == pytest.approx(A2.mean(), rel=1e-12)
+
+
+def test_negative_mass():
+    nodes = np.array([[-1.0, 0.0, 2.0], [-0.5, 1.0, 3.0]])
+    weights = np.array([[0.2, 0.3, 0.5], [0.4, 0.4, 0.2]])
+    assert spectrum.negative_mass(nodes, weights) == pytest.approx(0.3)
+    assert spectrum.negative_mass(nodes, weights, threshold=0.7) == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def spiked_wishart():
+    """Sample covariance of n = 1000 variables from N = 4000 draws, three population spikes.
+
+    Known spectrum: a Marchenko-Pastur bulk on [(1 - sqrt(g))^2, (1 + sqrt(g))^2] with g = n/N = 0.25, and for a
+    spike l > sqrt(g) an outlier at (1 + l)(1 + g/l) (Baik, Ben Arous & Peche 2005) with finite-N standard
+    deviation sqrt(2 (1 + l)^2 (1 - g/l^2) / N) (Paul 2007).
+    """
+    n, N = 1000, 4000
+    spikes = np.array([3.0, 6.0, 10.0])
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, N, dtype=torch.float64, generator=g)
+    X[:3] *= torch.tensor(np.sqrt(1 + spikes))[:, None]
+    S = X @ X.T / N
+    Z = (torch.randint(0, 2, (n, 10), generator=g) * 2 - 1).double() / np.sqrt(n)
+    res = lanczos(lambda V: S @ V, Z, 90)
+    q = spectrum.quadrature(res.alpha.numpy(), res.beta.numpy())
+    return S, spikes, n / N, q
+
+
+def test_spiked_wishart_outliers_are_recovered(spiked_wishart):
+    S, spikes, gamma, q = spiked_wishart
+    n = S.shape[0]
+    exact = np.linalg.eigvalsh(S.numpy())
+    top = np.sort(q.nodes[0])[::-1][:3]
+    # Converged outliers: equal to the exact eigenvalues of this matrix to rounding.
+    np.testing.assert_allclose(top, exact[::-1][:3], rtol=1e-10)
+    # And to the analytic positions within 4 finite-N standard deviations.
+    analytic = ((1 + spikes) * (1 + gamma / spikes))[::-1]
+    sd = np.sqrt(2 * (1 + spikes) ** 2 * (1 - gamma / spikes**2) / S.shape[1])[::-1]
+    assert np.all(np.abs(top - analytic) <= 4 * sd)
+    edge = spectrum.bulk_edge(q.nodes, q.weights, n)
+    assert edge == pytest.approx((1 + np.sqrt(gamma)) ** 2, rel=0.03)
+    assert spectrum.count_outliers(np.sort(q.nodes[0])[::-1][:10], q.nodes, q.weights, n) == 3
+
+
+def test_spiked_wishart_density_matches_marchenko_pastur(spiked_wishart):
+    S, spikes, gamma, q = spiked_wishart
+    n = S.shape[0]
+    exact = np.linalg.eigvalsh(S.numpy())
+    width = exact[-1] - exact[0]
+    w1 = ref.wasserstein1(q.nodes, q.weights, exact, np.ones(n))
+    assert w1 <= 0.01 * width  # the issue's bound; measured 7e-4 of the width
+    a, b = (1 - np.sqrt(gamma)) ** 2, (1 + np.sqrt(gamma)) ** 2
+    x = np.linspace(a, b, 200_001)
+    cdf = np.cumsum(np.sqrt(np.maximum((b - x) * (x - a), 0)) / (2 * np.pi * gamma * x))
+    quantiles = np.interp((np.arange(n - 3) + 0.5) / (n - 3), cdf / cdf[-1], x)
+    law = np.concatenate([quantiles, (1 + spikes) * (1 + gamma / spikes)])
+    assert ref.wasserstein1(q.nodes, q.weights, law, np.ones(n)) <= 0.01 * width
+    tr, se = spectrum.trace_estimate(q.nodes, q.weights, n)
+    assert abs(tr - float(torch.trace(S))) <= 4 * se
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="same shape"):
+        spectrum.density(np.zeros((2, 3)), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="finite"):
+        spectrum.density(np.array([[np.nan]]), np.array([[1.0]]))
+    with pytest.raises(ValueError, match="positive"):
+        spectrum.density(np.array([[0.0]]), np.array([[1.0]]), sigma2=0)
+    with pytest.raises(ValueError, match="alpha"):
+        spectrum.tridiagonal_eigh(np.zeros(3), np.zeros(3))
