@@ -1,0 +1,301 @@
+"""``hessspec analyze``: the Hessian spectrum of each checkpoint, in step order, into a resumable result file."""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from typing import Any
+
+import click
+
+from hessspec.cli._common import CONTEXT_SETTINGS, can_encode, debug_option, fmt_number
+from hessspec.cli._progress import ProgressLine, format_duration
+
+_DEFAULTS = {  # hessspec.analysis.AnalysisSettings and hessspec.pipeline; kept here so --help needs no torch
+    "batch_size": 128,
+    "lanczos_steps": 90,
+    "probes": 10,
+    "top_k": 20,
+}
+
+
+class _AnalyzeCommand(click.Command):
+    """Lists the model zoo and the dataset specs after the options (imported only when help is shown)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from hessspec.datasets import available_datasets
+        from hessspec.models import describe_models
+
+        with formatter.section("Models (--model)"):
+            rows = list(describe_models().items())
+            rows += [
+                ("tv:NAME", "a torchvision model, built without pretrained weights"),
+                ("MODULE:FUNCTION", "your factory, importable from the current directory, or FILE.py:FUNCTION"),
+            ]
+            formatter.write_dl(rows)
+        with formatter.section("Data (--data)"):
+            formatter.write_text(", ".join(available_datasets()))
+            formatter.write_paragraph()
+            formatter.write_text(
+                "ROOT is a directory in torchvision's layout; nothing is downloaded. Only 'synthetic' and factories "
+                "take --data-arg (synthetic: shape, num_classes, size, data_seed)."
+            )
+        super().format_epilog(ctx, formatter)
+
+
+def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
+    from hessspec.models import parse_model_args
+
+    try:
+        return parse_model_args(pairs)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint=option) from None
+
+
+def _choose(value: str | None, factory: str | None, option: str, factory_option: str) -> str:
+    if value and factory:
+        msg = f"give {option} or {factory_option}, not both"
+        raise click.UsageError(msg)
+    if not value and not factory:
+        msg = f"missing {option} NAME (or {factory_option} MODULE:FUNCTION)"
+        raise click.UsageError(msg)
+    if factory is not None and ":" not in factory:
+        msg = f"expected MODULE:FUNCTION, got {factory!r}"
+        raise click.BadParameter(msg, param_hint=factory_option)
+    return (value or factory).strip()
+
+
+class _Reporter:
+    """Turns pipeline events into the progress line (stderr) and one summary line per checkpoint (stdout)."""
+
+    def __init__(self, out: str, quiet: bool) -> None:
+        from hessspec.pipeline import Observer
+
+        self.out = out
+        self.quiet = quiet
+        self.progress = ProgressLine(sys.stderr, enabled=not quiet and sys.stderr.isatty())
+        self.lam = "λ" if can_encode("λ") else "lambda"
+        self.started = time.monotonic()
+        reporter = self
+
+        # Subclassed here, not at module level: hessspec.pipeline imports torch, which `hessspec --help` should not.
+        class _Observer(Observer):
+            def planned(self, plan, done, prepared) -> None:
+                reporter.planned(plan, done, prepared)
+
+            def skipped(self, item) -> None:
+                reporter.say(f"step {item.step:>8}  already in {reporter.out} with these settings, skipped")
+
+            def started(self, item, index, total) -> None:
+                reporter.progress.start_checkpoint(index, item.step)
+
+            def lanczos_step(self, done, total) -> None:
+                reporter.progress.lanczos(done, total)
+
+            def finished(self, item, result) -> None:
+                reporter.progress.finish_checkpoint()
+                reporter.say(reporter.summary(result))
+
+        self.observer = _Observer()
+
+    def warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        """Show a warning as one line (``warnings.showwarning``), even with --quiet."""
+        self.progress.echo(f"Warning: {' '.join(str(message).split())}", err=True)
+
+    def say(self, line: str, err: bool = False) -> None:
+        if not self.quiet:
+            self.progress.echo(line, err=err)
+
+    def planned(self, plan, done, prepared) -> None:
+        todo = len(plan) - sum(done)
+        self.progress.begin(todo)
+        stored = f", {sum(done)} already in {self.out}" if any(done) else ""
+        batches = len(prepared.batches)
+        self.say(
+            f"analysing {todo} of {len(plan)} checkpoint(s){stored}: {prepared.job.model} "
+            f"({prepared.num_params:,} parameters) on {prepared.job.data} ({prepared.num_examples:,} examples in "
+            f"{batches} batch{'es' if batches != 1 else ''}), {prepared.device}, {prepared.job.dtype}",
+            err=True,
+        )
+
+    def summary(self, result) -> str:
+        ranks = [int(k) for k in result.overlap_k]
+        rank = 10 if 10 in ranks else (max(ranks) if ranks else None)
+        overlap = f"  r_{rank} {fmt_number(result.overlap_at(rank), 3)}" if rank is not None else ""
+        return (
+            f"step {result.step:>8}  loss {fmt_number(result.loss)}  {self.lam}1 {fmt_number(result.lambda_max)}  "
+            f"trace {fmt_number(result.trace)}{overlap}  {result.elapsed_s:.1f} s"
+        )
+
+    def close(self, report=None) -> None:
+        self.progress.clear()
+        if report is not None:
+            elapsed = format_duration(time.monotonic() - self.started)
+            self.say(
+                f"done: {len(report.analysed)} analysed, {len(report.skipped)} skipped, in {elapsed}; "
+                f"results in {report.out}",
+                err=True,
+            )
+
+
+@click.command(
+    cls=_AnalyzeCommand,
+    context_settings=CONTEXT_SETTINGS,
+    short_help="Compute the spectrum of each checkpoint into a result file.",
+)
+@click.argument("checkpoints", metavar="CHECKPOINT...", nargs=-1, required=True)
+@click.option("--model", "model", metavar="NAME", help="Zoo model, tv:NAME or MODULE:FUNCTION (listed below).")
+@click.option(
+    "--model-factory", metavar="MODULE:FUNCTION", help="Your function returning the nn.Module (instead of --model)."
+)
+@click.option(
+    "--model-arg", "model_args", metavar="KEY=VALUE", multiple=True,
+    help="Model constructor argument (repeatable), e.g. width=32. Zoo models get num_classes from the data.",
+)  # fmt: skip
+@click.option("--data", "data", metavar="NAME[:ROOT]", help="Dataset: digits, cifar10:ROOT, ... (listed below).")
+@click.option(
+    "--data-factory", metavar="MODULE:FUNCTION", help="Your function returning a Dataset of (input, label) pairs."
+)
+@click.option(
+    "--data-arg", "data_args", metavar="KEY=VALUE", multiple=True,
+    help="Argument of 'synthetic' or of the data factory (repeatable).",
+)  # fmt: skip
+@click.option(
+    "--samples", type=click.IntRange(min=1), default=None, show_default="all",
+    help="Analyse this many examples, a subset drawn with --seed.",
+)  # fmt: skip
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=_DEFAULTS["batch_size"],
+    help="Examples per batch; with --bn-mode train use the training batch size.",
+)  # fmt: skip
+@click.option(
+    "--lanczos-steps", type=click.IntRange(min=1), default=_DEFAULTS["lanczos_steps"],
+    help="Lanczos steps per probe (Ghorbani et al. 2019 use 90).",
+)  # fmt: skip
+@click.option(
+    "--probes", type=click.IntRange(min=1), default=_DEFAULTS["probes"],
+    help="Random probe vectors (Ghorbani et al. 2019 use 10).",
+)  # fmt: skip
+@click.option(
+    "--top-k", type=click.IntRange(min=1), default=_DEFAULTS["top_k"],
+    help="Top eigenpairs kept, and the largest rank k of the gradient overlap r_k.",
+)  # fmt: skip
+@click.option(
+    "--bn-mode", type=click.Choice(["train", "eval", "population"]), default="train",
+    help="BatchNorm statistics: of each batch (as trained), running (stored), or recomputed over the data.",
+)  # fmt: skip
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+    help="Precision of the model evaluation (Lanczos is always float64); float64 for exactness on small models.",
+)  # fmt: skip
+@click.option(
+    "--device", default="auto", metavar="auto|cpu|cuda|cuda:I",
+    help="Where the Hessian products run; auto is cuda if available, else cpu.",
+)  # fmt: skip
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the probes and of the --samples subset.")
+@click.option("--params", metavar="REGEX", default=None, show_default="all",
+              help="Only parameters whose names match (re.search), e.g. 'layers\\.4\\.'.")  # fmt: skip
+@click.option(
+    "--basis-dtype", type=click.Choice(["float64", "float32"]), default="float64",
+    help="Storage of the Lanczos vectors (float32 halves their memory).",
+)  # fmt: skip
+@click.option(
+    "--basis-device", type=click.Choice(["same", "cpu"]), default="same",
+    help="Keep the Lanczos vectors on the compute device, or in host memory.",
+)  # fmt: skip
+@click.option("--no-crosscheck", is_flag=True, help="Skip the Lanczos chain started from the gradient.")
+@click.option(
+    "--step", type=click.IntRange(min=0), default=None,
+    help="Step of a file that stores none and has no number in its name.",
+)  # fmt: skip
+@click.option("--unsafe-load", is_flag=True, help="Allow checkpoints that run code when loaded (trusted files only).")
+@click.option(
+    "--label", default=None, show_default="the file's, or its name", help="Name of the run in plots and tables."
+)
+@click.option("--out", "out", required=True, metavar="FILE.h5", help="Result file, created or resumed.")
+@click.option("--force", is_flag=True, help="Accept a result file written with other settings and recompute.")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only: no progress, no summary lines.")
+@debug_option
+def analyze(
+    checkpoints: tuple[str, ...],
+    model: str | None,
+    model_factory: str | None,
+    model_args: tuple[str, ...],
+    data: str | None,
+    data_factory: str | None,
+    data_args: tuple[str, ...],
+    samples: int | None,
+    batch_size: int,
+    lanczos_steps: int,
+    probes: int,
+    top_k: int,
+    bn_mode: str,
+    dtype: str,
+    device: str,
+    seed: int,
+    params: str | None,
+    basis_dtype: str,
+    basis_device: str,
+    no_crosscheck: bool,
+    step: int | None,
+    unsafe_load: bool,
+    label: str | None,
+    out: str,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Analyse the Hessian spectrum of each CHECKPOINT (files, directories or globs), in training-step order.
+
+    Each checkpoint's result is in FILE.h5 as soon as it is computed; rerunning the same command skips the
+    checkpoints already there and finishes the others. A progress line goes to stderr (on a terminal) and one line
+    per checkpoint to stdout: step, loss, top eigenvalue, trace, gradient overlap r_10 and seconds.
+    """
+    from hessspec.analysis import AnalysisSettings
+    from hessspec.pipeline import AnalysisJob, run
+
+    model_spec = _choose(model, model_factory, "--model", "--model-factory")
+    data_spec = _choose(data, data_factory, "--data", "--data-factory")
+    if top_k > lanczos_steps:
+        msg = f"--top-k {top_k} exceeds --lanczos-steps {lanczos_steps}: Lanczos finds at most that many eigenpairs"
+        raise click.BadParameter(msg, param_hint="--top-k")
+    job = AnalysisJob(
+        model=model_spec,
+        data=data_spec,
+        model_args=_parse_pairs(model_args, "--model-arg"),
+        data_args=_parse_pairs(data_args, "--data-arg"),
+        samples=samples,
+        batch_size=batch_size,
+        bn_mode=bn_mode,
+        dtype=dtype,
+        device=device,
+        params=params,
+        settings=AnalysisSettings(
+            lanczos_steps=lanczos_steps,
+            probes=probes,
+            top_k=top_k,
+            seed=seed,
+            basis_dtype=basis_dtype,
+            basis_device=basis_device,
+            gradient_crosscheck=not no_crosscheck,
+        ),
+        label=label,
+    )
+    reporter = _Reporter(out, quiet)
+    report = None
+    with warnings.catch_warnings():
+        # torch.func loads its decompositions through the deprecated torch.jit.script (torch-internal noise).
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+        warnings.showwarning = reporter.warning
+        try:
+            report = run(
+                job,
+                checkpoints,
+                out,
+                force=force,
+                explicit_step=step,
+                unsafe=unsafe_load,
+                observer=reporter.observer,
+            )
+        finally:
+            reporter.close(report)

@@ -1,0 +1,676 @@
+"""From specs to stored results: build the model once, load the data once, analyse checkpoints into a result file.
+
+This is the reusable middle layer between the command line (``hessspec analyze``), the Python API and the
+distributed runner: it turns an :class:`AnalysisJob` (names and settings, as a user types them) into a model on a
+device and device-resident batches (:func:`prepare`), orders checkpoint files by training step
+(:func:`plan_checkpoints`), and analyses them one after another into a :class:`~hessspec.store.ResultWriter`,
+skipping those already stored (:func:`run`). Progress is reported through an :class:`Observer`.
+
+Data-parallel analysis plugs in with four hooks, all optional, which a ``hessspec.distributed.DistributedContext``
+``ctx`` provides: ``shard_batches`` (keep this process's share of the batches), ``all_reduce`` (sum a tensor across
+processes; given to :class:`~hessspec.operators.HessianOperator`), ``is_main`` (only the main process writes the
+file and reports) and ``sync`` (``functools.partial(hessspec.distributed.sync_errors, ctx)``: a failure on one
+rank is raised on all of them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessspec.analysis import AnalysisSettings, analyze
+from hessspec.checkpoints import (
+    apply_state_dict,
+    expand_checkpoint_paths,
+    load_checkpoint,
+    resolve_step,
+    step_from_filename,
+)
+from hessspec.operators import HessianOperator
+from hessspec.problem import Batch, batch_norm_layers, check_bn_mode
+from hessspec.results import CheckpointResult
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+ShardBatches = Callable[[list[Batch]], list[Batch]]
+Sync = Callable[[str], AbstractContextManager[None]]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEFAULT_BATCH_SIZE = 128  # the training batch size of the digits examples; BN train mode should use the training one
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+class PipelineError(ValueError):
+    """The job cannot run as specified (device, dtype, data that does not fit the model, ...)."""
+
+
+@dataclass(frozen=True)
+class AnalysisJob:
+    """What to analyse and how: the model, the data and the settings, as a user names them.
+
+    Attributes:
+        model: a zoo name, ``tv:NAME`` or ``module:function`` (see :func:`hessspec.models.build_model`).
+        data: a dataset spec such as ``digits`` or ``cifar10:ROOT`` (see :func:`hessspec.datasets.load_dataset`).
+        model_args: keyword arguments of the model. For a zoo model ``num_classes`` defaults to the dataset's.
+        data_args: keyword arguments of ``synthetic`` or a data factory.
+        samples: analyse this many examples (a seeded subset, see ``--samples``), or None for all.
+        batch_size: examples per batch (BN train mode normalises with each batch's statistics: use the training
+            batch size).
+        bn_mode: "train", "eval" or "population" (see :mod:`hessspec.problem`).
+        dtype: "float32" or "float64", the dtype the model is evaluated in (Lanczos is always float64).
+        device: "auto" (CUDA if available, else the CPU), "cpu", "cuda", "cuda:I" or "mps".
+        params: a regular expression; only parameters whose names it matches (``re.search``) span the Hessian.
+            None for all parameters that require gradients.
+        settings: the SLQ settings (seed, Lanczos steps, probes, ...); ``settings.seed`` also draws the
+            ``samples`` subset.
+        label: the run's name in the result file; None keeps the file's label (a new file gets its own stem).
+    """
+
+    model: str
+    data: str
+    model_args: Mapping[str, Any] = field(default_factory=dict)
+    data_args: Mapping[str, Any] = field(default_factory=dict)
+    samples: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    bn_mode: str = "train"
+    dtype: str = "float32"
+    device: str = "auto"
+    params: str | None = None
+    settings: AnalysisSettings = field(default_factory=AnalysisSettings)
+    label: str | None = None
+
+    def effective_model_args(self) -> dict[str, Any]:
+        """The model's keyword arguments, with ``num_classes`` of the dataset added for zoo models.
+
+        Returns:
+            ``model_args`` plus ``num_classes`` when the model is a zoo model, the user did not give it, and the
+            dataset's number of classes is known (``datasets.NUM_CLASSES``, or ``num_classes`` of ``synthetic``).
+        """
+        from hessspec.datasets import NUM_CLASSES
+        from hessspec.models import available_models
+
+        arguments = dict(self.model_args)
+        if "num_classes" in arguments or self.model.strip() not in available_models():
+            return arguments
+        kind = self.data.strip().partition(":")[0].lower()
+        if kind == "synthetic" and ":" not in self.data:
+            classes = self.data_args.get("num_classes", 10)
+        else:
+            classes = NUM_CLASSES.get(kind)
+        if classes is not None:
+            arguments["num_classes"] = classes
+        return arguments
+
+    def config(self, device: str | None = None) -> dict[str, Any]:
+        """The run's config as stored in the result file.
+
+        Everything that changes the numbers (compared when resuming or merging), plus ``label``, ``device``,
+        ``data_root`` and ``basis_device``, which ``hessspec.store`` ignores in that comparison.
+
+        Args:
+            device: the resolved device to record (default: ``self.device`` as given).
+
+        Returns:
+            A JSON-serialisable dict.
+        """
+        from hessspec.datasets import available_datasets
+
+        rooted = {spec.split(":")[0] for spec in available_datasets() if spec.endswith(":ROOT")}
+        name, has_colon, root = self.data.strip().partition(":")
+        data, data_root = (name.lower(), root) if has_colon and name.lower() in rooted else (self.data.strip(), None)
+        s = self.settings
+        config: dict[str, Any] = {
+            "model": self.model.strip(),
+            "model_args": self.effective_model_args(),
+            "data": data,
+            "data_args": dict(self.data_args),
+            "samples": self.samples,
+            "batch_size": self.batch_size,
+            "bn_mode": self.bn_mode,
+            "dtype": self.dtype,
+            "params": self.params,
+            "seed": s.seed,
+            "lanczos_steps": s.lanczos_steps,
+            "probes": s.probes,
+            "top_k": s.top_k,
+            "basis_dtype": s.basis_dtype,
+            "gradient_crosscheck": s.gradient_crosscheck,
+            "device": device or self.device,
+            "basis_device": s.basis_device,
+        }
+        if data_root is not None:
+            config["data_root"] = data_root
+        if self.label is not None:
+            config["label"] = self.label
+        return config
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The device named by ``spec``, checked to exist.
+
+    Args:
+        spec: "auto" (CUDA if available, else the CPU), "cpu", "cuda", "cuda:I" or "mps".
+
+    Returns:
+        The device.
+
+    Raises:
+        PipelineError: a malformed name, or a CUDA/MPS device that this machine does not have.
+    """
+    text = str(spec).strip().lower()
+    if not _DEVICE_PATTERN.match(text):
+        msg = f"unknown device {spec!r}; expected auto, cpu, cuda, cuda:INDEX or mps"
+        raise PipelineError(msg)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            msg = (
+                f"device {spec!r} was asked for but CUDA is not available here (torch {torch.__version__}, "
+                "torch.cuda.is_available() is False); use --device cpu or auto"
+            )
+            raise PipelineError(msg)
+        index = int(text.split(":")[1]) if ":" in text else torch.cuda.current_device()
+        count = torch.cuda.device_count()
+        if index >= count:
+            msg = f"device {spec!r} does not exist: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            raise PipelineError(msg)
+        return torch.device("cuda", index)
+    if text == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        msg = "device 'mps' was asked for but MPS is not available here; use --device cpu or auto"
+        raise PipelineError(msg)
+    return torch.device(text)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32"`` or ``"float64"`` as a torch dtype.
+
+    Raises:
+        PipelineError: another name.
+    """
+    if name not in DTYPES:
+        msg = f"dtype must be one of {', '.join(DTYPES)}; got {name!r}"
+        raise PipelineError(msg)
+    return DTYPES[name]
+
+
+def parameter_filter(pattern: str | None) -> Callable[[str, nn.Parameter], bool] | None:
+    """A parameter selector for :class:`HessianOperator` from a regular expression.
+
+    Args:
+        pattern: matched with ``re.search`` against parameter names (``"layers\\.4\\."``, ``"weight$"``); None
+            selects every parameter that requires gradients.
+
+    Returns:
+        ``selector(name, parameter) -> bool``, or None.
+
+    Raises:
+        PipelineError: the pattern is not a valid regular expression.
+    """
+    if pattern is None:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        msg = f"--params {pattern!r} is not a valid regular expression: {error}"
+        raise PipelineError(msg) from None
+
+    def selector(name: str, parameter: nn.Parameter) -> bool:
+        return parameter.requires_grad and compiled.search(name) is not None
+
+    return selector
+
+
+@dataclass
+class Prepared:
+    """A model on its device and the data it is analysed on, built once per run.
+
+    Attributes:
+        job: the job this was prepared from.
+        model: the network (float32, on ``device``); each checkpoint's state dict is loaded into it.
+        batches: this process's device-resident batches (inputs in ``dtype``).
+        device: where the Hessian products run.
+        dtype: the dtype the model is evaluated in.
+        num_examples: examples in ``batches`` (this process's share under data parallelism).
+        num_params: parameters spanned by the Hessian.
+        selector: the parameter selector given to :class:`HessianOperator` (None for all).
+    """
+
+    job: AnalysisJob
+    model: nn.Module
+    batches: list[Batch]
+    device: torch.device
+    dtype: torch.dtype
+    num_examples: int
+    num_params: int
+    selector: Callable[[str, nn.Parameter], bool] | None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _check_model_fits_data(model: nn.Module, batches: Sequence[Batch], job: AnalysisJob) -> None:
+    # One forward pass on two examples, so that a model that cannot take the data fails here with a hint, not
+    # in the middle of the first checkpoint's Hessian products.
+    x, y = batches[0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:2].to(next(model.parameters()).dtype))
+    except Exception as error:
+        msg = (
+            f"model {job.model!r} cannot process the data {job.data!r} (inputs of shape {list(x.shape[1:])}): "
+            f"{_first_line(error)}; check --model-arg (e.g. in_features, in_channels) against the data"
+        )
+        raise PipelineError(msg) from error
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        msg = f"model {job.model!r} must return logits of shape [batch, classes] for cross-entropy; got {shape}"
+        raise PipelineError(msg)
+    top_label = int(max(int(labels.max()) for _, labels in batches))
+    if top_label >= out.shape[1]:
+        msg = (
+            f"model {job.model!r} has {out.shape[1]} outputs but the data has labels up to {top_label}; "
+            f"pass --model-arg num_classes={top_label + 1}"
+        )
+        raise PipelineError(msg)
+
+
+def _check_batch_sizes(model: nn.Module, batches: Sequence[Batch], job: AnalysisJob) -> None:
+    if job.bn_mode != "train" or not batch_norm_layers(model):
+        return
+    sizes = [len(x) for x, _ in batches]
+    if 1 in sizes:
+        total = sum(sizes)
+        msg = (
+            f"a batch holds a single example ({total} examples in batches of {job.batch_size}) and BatchNorm in "
+            "train mode cannot normalise one example; choose a --batch-size or --samples that leaves no "
+            "remainder of 1, or --bn-mode eval/population"
+        )
+        raise PipelineError(msg)
+
+
+def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> Prepared:
+    """Build the model and load the data of a job, once for all its checkpoints.
+
+    Args:
+        job: the job.
+        shard_batches: keeps this process's share of the batches (data-parallel analysis), or None.
+
+    Returns:
+        The model (freshly initialised; a checkpoint's weights are applied by :func:`analyze_checkpoint`) on the
+        job's device and the device-resident batches.
+
+    Raises:
+        PipelineError: unknown device or dtype, data the model cannot process, a batch of one example in BN train
+            mode, a ``params`` pattern that selects nothing.
+        hessspec.models.ModelError, hessspec.models.FactoryError: the model cannot be built.
+        hessspec.datasets.DatasetError: the data cannot be loaded.
+    """
+    from hessspec.datasets import load_dataset, materialize
+    from hessspec.models import build_model
+
+    check_bn_mode(job.bn_mode)
+    dtype = parse_dtype(job.dtype)
+    device = resolve_device(job.device)
+    selector = parameter_filter(job.params)
+    model = build_model(job.model, **job.effective_model_args())
+    if next(iter(model.parameters()), None) is None:
+        msg = f"model {job.model!r} has no parameters"
+        raise PipelineError(msg)
+    model = model.to(device)
+    dataset = load_dataset(job.data, samples=job.samples, seed=job.settings.seed, **job.data_args)
+    batches = materialize(dataset, job.batch_size, device, dtype)
+    _check_model_fits_data(model, batches, job)
+    if shard_batches is not None:
+        batches = list(shard_batches(batches))
+    _check_batch_sizes(model, batches, job)
+    names = [
+        name for name, p in model.named_parameters() if (p.requires_grad if selector is None else selector(name, p))
+    ]
+    if not names:
+        shown = ", ".join(name for name, _ in list(model.named_parameters())[:6])
+        msg = f"--params {job.params!r} matches no parameter of {job.model!r}; its parameters are e.g. {shown}"
+        raise PipelineError(msg)
+    params = dict(model.named_parameters())
+    return Prepared(
+        job=job,
+        model=model,
+        batches=batches,
+        device=device,
+        dtype=dtype,
+        num_examples=sum(len(x) for x, _ in batches),
+        num_params=sum(params[name].numel() for name in names),
+        selector=selector,
+    )
+
+
+@dataclass(frozen=True)
+class PlannedCheckpoint:
+    """A checkpoint file to analyse, with its training step and content hash.
+
+    Attributes:
+        path: the file.
+        step: its training step (stored in the file, else from its name, else ``--step``).
+        sha256: hex digest of its bytes (with the step, identifies it in the result file).
+    """
+
+    path: Path
+    step: int
+    sha256: str
+
+
+def plan_checkpoints(
+    specs: Sequence[str | os.PathLike[str]], *, explicit_step: int | None = None, unsafe: bool = False
+) -> list[PlannedCheckpoint]:
+    """Expand files, directories and globs into checkpoints ordered by training step.
+
+    Each file is read once here (for its stored step and its hash) and again when it is analysed; only one state
+    dict is held in memory at a time.
+
+    Args:
+        specs: checkpoint files, directories or glob patterns.
+        explicit_step: the step of a file that neither stores one nor has a number in its name (``--step``).
+        unsafe: load pickles that need arbitrary code (``--unsafe-load``; trusted files only).
+
+    Returns:
+        The checkpoints sorted by step (then path).
+
+    Raises:
+        hessspec.checkpoints.CheckpointError: a spec matches nothing, a file is unreadable or truncated, a step
+            cannot be determined.
+        PipelineError: ``explicit_step`` would be given to several files.
+    """
+    paths = expand_checkpoint_paths([os.fspath(spec) for spec in specs])
+    planned, needed_explicit = [], []
+    for path in paths:
+        loaded = load_checkpoint(path, unsafe=unsafe)
+        step = resolve_step(loaded, path, explicit_step)
+        if loaded.step is None and step_from_filename(path) is None:
+            needed_explicit.append(str(path))
+        planned.append(PlannedCheckpoint(Path(path), step, loaded.sha256))
+        del loaded
+    if len(needed_explicit) > 1:
+        msg = (
+            f"--step {explicit_step} would be the step of {len(needed_explicit)} files that store none "
+            f"({', '.join(needed_explicit[:3])}{', ...' if len(needed_explicit) > 3 else ''}); analyse them one at a "
+            "time, each with its own --step"
+        )
+        raise PipelineError(msg)
+    return sorted(planned, key=lambda item: (item.step, str(item.path)))
+
+
+def load_weights(prepared: Prepared, item: PlannedCheckpoint, *, unsafe: bool = False) -> str:
+    """Load a checkpoint's state dict into the prepared model.
+
+    Args:
+        prepared: from :func:`prepare`.
+        item: the checkpoint (from :func:`plan_checkpoints`).
+        unsafe: see :func:`plan_checkpoints`.
+
+    Returns:
+        The SHA-256 of the bytes loaded (normally ``item.sha256``).
+
+    Raises:
+        hessspec.checkpoints.CheckpointError: unreadable file, keys or shapes that do not match the model
+            (another architecture), non-finite weights (naming the tensor). The model is unchanged then.
+    """
+    loaded = load_checkpoint(item.path, unsafe=unsafe)
+    apply_state_dict(prepared.model, loaded.state_dict)
+    return loaded.sha256
+
+
+def analyze_loaded(
+    prepared: Prepared,
+    item: PlannedCheckpoint,
+    sha256: str,
+    *,
+    all_reduce: AllReduce | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CheckpointResult:
+    """Analyse the Hessian of the weights currently in the prepared model (see :func:`load_weights`).
+
+    Args:
+        prepared: from :func:`prepare`.
+        item: the checkpoint the weights came from (its step and path are recorded).
+        sha256: the hash returned by :func:`load_weights`.
+        all_reduce: sums a tensor across processes (data-parallel analysis), or None.
+        progress: called as ``progress(done, total)`` after each Lanczos step.
+
+    Returns:
+        The result.
+
+    Raises:
+        ValueError, FloatingPointError, hessspec.operators.DeterminismError, MemoryError: from
+            :func:`hessspec.analysis.analyze`.
+    """
+    operator = HessianOperator(
+        prepared.model,
+        prepared.batches,
+        bn_mode=prepared.job.bn_mode,
+        params=prepared.selector,
+        dtype=prepared.dtype,
+        all_reduce=all_reduce,
+    )
+    return analyze(
+        operator,
+        prepared.job.settings,
+        step=item.step,
+        source=str(item.path),
+        sha256=sha256,
+        model_name=prepared.job.model.strip(),
+        progress=progress,
+    )
+
+
+def analyze_checkpoint(
+    prepared: Prepared,
+    item: PlannedCheckpoint,
+    *,
+    unsafe: bool = False,
+    all_reduce: AllReduce | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CheckpointResult:
+    """Load one checkpoint into the prepared model and analyse its Hessian (:func:`load_weights`, then
+    :func:`analyze_loaded`).
+
+    Raises:
+        See :func:`load_weights` and :func:`analyze_loaded`.
+    """
+    sha256 = load_weights(prepared, item, unsafe=unsafe)
+    return analyze_loaded(prepared, item, sha256, all_reduce=all_reduce, progress=progress)
+
+
+class Observer:
+    """Receives the progress of :func:`run`; every method does nothing unless overridden."""
+
+    def planned(self, plan: Sequence[PlannedCheckpoint], done: Sequence[bool], prepared: Prepared) -> None:
+        """Called once, before any analysis, with the ordered checkpoints and which are already stored."""
+
+    def skipped(self, item: PlannedCheckpoint) -> None:
+        """A checkpoint already in the result file with the same settings."""
+
+    def started(self, item: PlannedCheckpoint, index: int, total: int) -> None:
+        """Analysis of ``item`` begins; ``index`` counts the checkpoints to analyse (0-based) out of ``total``."""
+
+    def lanczos_step(self, done: int, total: int) -> None:
+        """After each Lanczos step of the current checkpoint."""
+
+    def finished(self, item: PlannedCheckpoint, result: CheckpointResult) -> None:
+        """The result of ``item`` is computed (and, on the main process, written)."""
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What :func:`run` did.
+
+    Attributes:
+        out: the result file.
+        analysed: the new results, in step order.
+        skipped: the checkpoints that were already stored.
+    """
+
+    out: str
+    analysed: tuple[CheckpointResult, ...]
+    skipped: tuple[PlannedCheckpoint, ...]
+
+
+def _no_sync(_what: str) -> AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
+def _agree(flag: bool, all_reduce: AllReduce | None, device: torch.device) -> bool:
+    # Under data parallelism only the main process knows the file; the others learn its answer from the sum.
+    if all_reduce is None:
+        return flag
+    total = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=device)
+    return bool(float(all_reduce(total)[0]) > 0)
+
+
+def check_output(out: str | os.PathLike[str], job: AnalysisJob, *, force: bool = False) -> None:
+    """Fail fast, before the model and data are loaded, when the result file cannot take this job's results.
+
+    Args:
+        out: the result file.
+        job: the job.
+        force: accept an existing file written with other settings.
+
+    Raises:
+        PipelineError: the directory is missing or not writable, or ``out`` is a directory.
+        hessspec.store.StoreError: ``out`` exists but is not a readable hessspec file (foreign or corrupt HDF5), or
+            was written with other settings and ``force`` is False.
+    """
+    from hessspec.store import StoreError, config_differences, load_results
+
+    path = Path(os.fspath(out)).expanduser()
+    directory = path.parent
+    if path.is_dir():
+        msg = f"cannot write {str(path)!r}: it is a directory"
+        raise PipelineError(msg)
+    if not directory.is_dir():
+        msg = f"cannot write {str(path)!r}: directory {str(directory)!r} does not exist"
+        raise PipelineError(msg)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        msg = f"cannot write {str(path)!r}: directory {str(directory)!r} is not writable"
+        raise PipelineError(msg)
+    if not path.exists():
+        return
+    stored = load_results(path)
+    diffs = config_differences(stored.config, job.config())
+    if diffs and not force:
+        shown = ", ".join(f"{key} ({a!r} in the file, {b!r} now)" for key, (a, b) in diffs.items())
+        msg = (
+            f"{str(path)!r} holds results computed with other settings: {shown}; use the same settings to resume, "
+            "another output file, or --force to recompute with the new settings"
+        )
+        raise StoreError(msg)
+
+
+def run(
+    job: AnalysisJob,
+    checkpoints: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    explicit_step: int | None = None,
+    unsafe: bool = False,
+    observer: Observer | None = None,
+    all_reduce: AllReduce | None = None,
+    is_main: bool = True,
+    shard_batches: ShardBatches | None = None,
+    sync: Sync | None = None,
+) -> RunReport:
+    """Analyse checkpoints in step order into a result file, skipping those already stored with the same settings.
+
+    The result file is checked first (its directory, its format, its settings), then the checkpoints are read
+    and ordered, the model built and the data loaded, and only then is the file opened for writing, so a bad
+    checkpoint, model or data spec leaves no file behind. Each result is on disk before the next checkpoint
+    starts; an interrupted run is resumed by running it again.
+
+    Args:
+        job: model, data and settings.
+        checkpoints: files, directories or glob patterns.
+        out: the result file (``.h5``), created or appended to.
+        force: accept a file written with other settings (its entries become stale and are recomputed when
+            analysed again) and replace stored entries.
+        explicit_step: see :func:`plan_checkpoints`.
+        unsafe: see :func:`plan_checkpoints`.
+        observer: receives progress (on the main process only); None for silence.
+        all_reduce: sums a tensor across processes (data-parallel analysis), or None.
+        is_main: whether this process writes the file and reports (False on the other ranks).
+        shard_batches: keeps this process's share of the batches, or None.
+        sync: ``sync(what)`` returns a context manager around each block that may fail on one process only
+            (reading files, opening and writing the result file on the main process); under data parallelism
+            ``functools.partial(hessspec.distributed.sync_errors, ctx)``, so that every rank raises instead of
+            waiting in the next collective. None for one process.
+
+    Returns:
+        A :class:`RunReport`.
+
+    Raises:
+        PipelineError, hessspec.store.StoreError, hessspec.checkpoints.CheckpointError, hessspec.models.ModelError,
+        hessspec.datasets.DatasetError, ...: see :func:`prepare`, :func:`plan_checkpoints`,
+        :func:`analyze_checkpoint` and :class:`hessspec.store.ResultWriter`. Results already written stay.
+    """
+    from hessspec.store import ResultWriter
+
+    observer = observer or Observer()
+    guard = sync or _no_sync
+    out = os.fspath(Path(os.fspath(out)).expanduser())
+    with guard(f"checking {out}"):
+        if is_main:
+            check_output(out, job, force=force)
+    with guard("reading the checkpoints"):
+        plan = plan_checkpoints(checkpoints, explicit_step=explicit_step, unsafe=unsafe)
+    with guard("building the model and loading the data"):
+        prepared = prepare(job, shard_batches=shard_batches)
+    if job.label is None and not os.path.exists(out):
+        job = replace(job, label=Path(out).stem)
+    writer = None
+    stored: list[bool] = [False] * len(plan)
+    try:
+        with guard(f"opening {out}"):
+            if is_main:
+                writer = ResultWriter(out, label=job.label, config=job.config(device=str(prepared.device)), force=force)
+                stored = [writer.has(c.step, c.sha256) for c in plan]
+        done = [_agree(flag, all_reduce, prepared.device) for flag in stored]
+        if is_main:
+            observer.planned(plan, done, prepared)
+        todo = [item for item, is_done in zip(plan, done, strict=True) if not is_done]
+        analysed, skipped = [], []
+        for item, is_done in zip(plan, done, strict=True):
+            if is_done:
+                skipped.append(item)
+                if is_main:
+                    observer.skipped(item)
+                continue
+            if is_main:
+                observer.started(item, len(analysed), len(todo))
+            with guard(f"loading {item.path}"):
+                sha256 = load_weights(prepared, item, unsafe=unsafe)
+            result = analyze_loaded(
+                prepared, item, sha256, all_reduce=all_reduce, progress=observer.lanczos_step if is_main else None
+            )
+            with guard(f"writing step {item.step} to {out}"):
+                if writer is not None:
+                    writer.write(result)
+            analysed.append(result)
+            if is_main:
+                observer.finished(item, result)
+    finally:
+        if writer is not None:
+            writer.close()
+    return RunReport(out=out, analysed=tuple(analysed), skipped=tuple(skipped))

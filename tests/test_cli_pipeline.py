@@ -1,0 +1,190 @@
+"""The library layer under ``hessspec analyze`` (hessspec.pipeline) and the CLI's progress line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+
+from hessspec.analysis import AnalysisSettings
+from hessspec.checkpoints import CheckpointError
+from hessspec.cli._progress import ProgressLine, bar, format_duration
+from hessspec.pipeline import (
+    AnalysisJob,
+    Observer,
+    PipelineError,
+    analyze_checkpoint,
+    plan_checkpoints,
+    prepare,
+    resolve_device,
+    run,
+)
+from hessspec.store import load_results
+from tests.test_cli import one_thread, write_checkpoints  # noqa: F401 (one_thread: a fixture)
+
+SETTINGS = AnalysisSettings(lanczos_steps=8, probes=2, top_k=3)
+
+
+def job(**changes) -> AnalysisJob:
+    base = {"model": "mlp", "data": "digits", "model_args": {"width": 8, "depth": 2}, "samples": 120}
+    return AnalysisJob(**{**base, "settings": SETTINGS, **changes})
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("pipeline")
+    write_checkpoints(directory, steps=(0, 20, 40))
+    return directory
+
+
+class Recorder(Observer):
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def planned(self, plan, done, prepared) -> None:
+        self.events.append(("planned", [c.step for c in plan], list(done)))
+
+    def skipped(self, item) -> None:
+        self.events.append(("skipped", item.step))
+
+    def started(self, item, index, total) -> None:
+        self.events.append(("started", item.step, index, total))
+
+    def lanczos_step(self, done, total) -> None:
+        self.events.append(("lanczos", done, total))
+
+    def finished(self, item, result) -> None:
+        self.events.append(("finished", item.step, result.step))
+
+
+def test_run_reports_progress_and_resumes(ckpts, tmp_path):
+    out = tmp_path / "r.h5"
+    recorder = Recorder()
+    files = [ckpts / "ckpt_00040.pt", ckpts / "ckpt_00000.pt"]  # analysed in step order, whatever the order given
+    report = run(job(), files, out, observer=recorder)
+    assert [r.step for r in report.analysed] == [0, 40] and report.skipped == ()
+    assert recorder.events[0] == ("planned", [0, 40], [False, False])
+    assert recorder.events[1] == ("started", 0, 0, 2)
+    assert [e for e in recorder.events if e[0] == "lanczos"][:8] == [("lanczos", i, 8) for i in range(1, 9)]
+    assert recorder.events[-1] == ("finished", 40, 40)
+    assert load_results(out).label == "r"  # a new file is named after itself
+
+    recorder = Recorder()
+    report = run(job(), [ckpts], out, observer=recorder)
+    assert [c.step for c in report.skipped] == [0, 40] and [r.step for r in report.analysed] == [20]
+    assert recorder.events[0] == ("planned", [0, 20, 40], [True, False, True])
+    assert ("skipped", 0) in recorder.events and ("started", 20, 0, 1) in recorder.events
+    assert load_results(out).steps == (0, 20, 40)
+
+
+def test_hooks_for_data_parallel_runs(ckpts, tmp_path):
+    reduced = []
+
+    def all_reduce(tensor: torch.Tensor) -> torch.Tensor:  # one process: the sum is the tensor itself
+        reduced.append(tensor.shape)
+        return tensor
+
+    def first_half(batches):
+        return batches[: len(batches) // 2]
+
+    guarded = []
+
+    @contextlib.contextmanager
+    def sync(what: str):
+        guarded.append(what)
+        yield
+
+    out = tmp_path / "worker.h5"
+    report = run(
+        job(batch_size=30), [ckpts / "ckpt_00020.pt"], out, is_main=False, all_reduce=all_reduce,
+        shard_batches=first_half, sync=sync,
+    )  # fmt: skip
+    assert not out.exists()  # only the main process writes
+    assert report.analysed[0].n_samples == 60  # two of the four batches of 30
+    assert torch.Size([1]) in reduced  # the skip decision is agreed through all_reduce
+    assert len(reduced) > 10  # and the Hessian products are reduced
+    assert [w.split()[0] for w in guarded] == ["checking", "reading", "building", "opening", "loading", "writing"]
+
+
+def test_sync_sees_rank_local_failures(ckpts, tmp_path):
+    seen = []
+
+    @contextlib.contextmanager
+    def sync(what: str):
+        try:
+            yield
+        except Exception as error:
+            seen.append((what, type(error).__name__))
+            raise
+
+    with pytest.raises(CheckpointError):
+        run(job(), [tmp_path / "missing.pt"], tmp_path / "o.h5", sync=sync)
+    assert seen == [("reading the checkpoints", "CheckpointError")]
+
+
+def test_prepare_builds_once_and_analysis_leaves_the_model_as_loaded(ckpts):
+    prepared = prepare(job())
+    assert prepared.num_params == 64 * 8 + 8 + 8 * 10 + 10 and prepared.num_examples == 120
+    plan = plan_checkpoints([ckpts])
+    result = analyze_checkpoint(prepared, plan[1])
+    saved = torch.load(plan[1].path, weights_only=True)["model"]
+    for name, tensor in prepared.model.state_dict().items():
+        assert torch.equal(tensor, saved[name])
+    assert result.step == 20 and result.sha256 == plan[1].sha256 and result.model == "mlp"
+
+
+def test_params_regex_selects_a_subspace():
+    prepared = prepare(job(params=r"^layers\.3\."))
+    assert prepared.num_params == 8 * 10 + 10
+
+
+def test_effective_model_args_and_config():
+    assert job(data="cifar100:/data/c100", model="cifar-resnet20").effective_model_args()["num_classes"] == 100
+    assert job(model_args={"num_classes": 3}).effective_model_args()["num_classes"] == 3
+    synthetic = job(data="synthetic", data_args={"num_classes": 4})
+    assert synthetic.effective_model_args()["num_classes"] == 4
+    assert "num_classes" not in job(model="my_models:make", model_args={}).effective_model_args()
+    config = job(data="cifar10:~/data/c10").config(device="cpu")
+    assert config["data"] == "cifar10" and config["data_root"] == "~/data/c10"  # the root may move between machines
+    assert config["lanczos_steps"] == 8 and config["device"] == "cpu"
+
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("CPU") == torch.device("cpu")
+    with pytest.raises(PipelineError, match="CUDA is not available"):
+        resolve_device("cuda:0")
+    with pytest.raises(PipelineError, match="unknown device"):
+        resolve_device("gpu")
+
+
+def test_progress_line_draws_bars_rate_and_eta(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    now = [0.0]
+    stream = io.StringIO()
+    progress = ProgressLine(stream, enabled=True, clock=lambda: now[0])
+    progress.begin(3)
+    progress.start_checkpoint(0, 100)
+    now[0] = 2.0
+    progress.lanczos(10, 40)  # 5 steps/s, 6 s left on this checkpoint, then two more of 8 s
+    text = progress.text()
+    assert "checkpoint 1/3" in text and "step 100" in text and "10/40" in text
+    assert "5 steps/s" in text and "ETA 0:06" in text and "(all 0:22)" in text
+    assert stream.getvalue().endswith(text)
+    progress.echo("a summary line")
+    assert stream.getvalue().endswith("\r\x1b[K")  # cleared before printing
+    silent = io.StringIO()
+    quiet = ProgressLine(silent, enabled=False)
+    quiet.begin(1)
+    quiet.start_checkpoint(0, 0)
+    quiet.lanczos(1, 2)
+    assert silent.getvalue() == ""
+
+
+def test_progress_helpers():
+    assert bar(0.5, 4) == "[##--]" and bar(2.0, 2) == "[##]"
+    assert format_duration(61) == "1:01" and format_duration(3661) == "1:01:01"
+    assert format_duration(float("nan")) == "?"
