@@ -189,9 +189,9 @@ def trace_estimate(nodes: np.ndarray, weights: np.ndarray, n: int) -> tuple[floa
 def negative_mass(nodes: np.ndarray, weights: np.ndarray, threshold: float = 0.0) -> float:
     """Estimated fraction of eigenvalues below ``-threshold`` (quadrature mass, averaged over probes).
 
-    For each probe the exact value lies between this mass minus the weight of the largest node below
-    ``-threshold`` and this mass (Chebyshev-Markov-Stieltjes inequalities): near a dense cluster at 0, as in
-    network Hessians, that node can hold a large share, so read small negative masses with a threshold > 0.
+    For each probe the exact value lies within the weights of the two nodes around ``-threshold`` of this mass
+    (Chebyshev-Markov-Stieltjes inequalities): near the dense cluster at 0 of a network Hessian those nodes can
+    hold a large share, so read the negative mass at 0 as a coarse figure, or use a threshold > 0.
     """
     nodes, weights = _check_quadrature(nodes, weights)
     return float((weights * (nodes < -threshold)).sum(axis=1).mean())
