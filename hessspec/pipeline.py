@@ -592,6 +592,7 @@ def run(
     is_main: bool = True,
     shard_batches: ShardBatches | None = None,
     sync: Sync | None = None,
+    select: Callable[[list[PlannedCheckpoint]], list[PlannedCheckpoint]] | None = None,
 ) -> RunReport:
     """Analyse checkpoints in step order into a result file, skipping those already stored with the same settings.
 
@@ -635,6 +636,8 @@ def run(
             check_output(out, job, force=force)
     with guard("reading the checkpoints"):
         plan = plan_checkpoints(checkpoints, explicit_step=explicit_step, unsafe=unsafe)
+        if select is not None:
+            plan = select(plan)
     with guard("building the model and loading the data"):
         prepared = prepare(job, shard_batches=shard_batches)
     if job.label is None and not os.path.exists(out):

@@ -377,8 +377,20 @@ _OVERLAP_LABEL = r"$r_k = \|P_k\, g\|^2 / \|g\|^2$"
 _RANK_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
 
 
+DEFAULT_OVERLAP_RANKS = (1, 5, 10)
+
+
+def default_overlap_ranks(runs: Sequence[RunLike]) -> list[int]:
+    """Ranks 1, 5 and 10 where the runs hold them, plus the largest stored rank when it is below 10."""
+    stored = {int(k) for run in runs for c in run.checkpoints for k in c.overlap_k}
+    chosen = [k for k in DEFAULT_OVERLAP_RANKS if k in stored]
+    if stored and max(stored) < max(DEFAULT_OVERLAP_RANKS) and max(stored) not in chosen:
+        chosen.append(max(stored))  # e.g. r_3 when only 3 eigenpairs were kept
+    return chosen
+
+
 @_styled
-def plot_evolution(runs: Sequence[RunLike], k_eigs: int = 5, overlap_ranks: Sequence[int] = (1, 5, 10)) -> Figure:
+def plot_evolution(runs: Sequence[RunLike], k_eigs: int = 5, overlap_ranks: Sequence[int] | None = None) -> Figure:
     """Four panels across training steps, one colour per run (e.g. with and without BatchNorm).
 
     (a) the top ``k_eigs`` eigenvalues (λ1 bold, the others thin and light), (b) the gradient overlap
@@ -389,7 +401,8 @@ def plot_evolution(runs: Sequence[RunLike], k_eigs: int = 5, overlap_ranks: Sequ
     Args:
         runs: one or more runs (``label`` and ``checkpoints``).
         k_eigs: how many top eigenvalues to draw (fewer where fewer were computed).
-        overlap_ranks: ranks ``k`` of ``r_k`` to draw; a rank a checkpoint lacks leaves a gap.
+        overlap_ranks: ranks ``k`` of ``r_k`` to draw; a rank a checkpoint lacks leaves a gap. Default:
+            :func:`default_overlap_ranks`.
 
     Returns:
         The figure, axes in the order (a), (b), (c), (d). In (a) each run has lines λ1..λk, in (b) one line per
@@ -404,7 +417,7 @@ def plot_evolution(runs: Sequence[RunLike], k_eigs: int = 5, overlap_ranks: Sequ
     if k_eigs < 1:
         msg = f"k_eigs must be at least 1; got {k_eigs}"
         raise ValueError(msg)
-    ranks = [int(k) for k in overlap_ranks]
+    ranks = [int(k) for k in (default_overlap_ranks(runs) if overlap_ranks is None else overlap_ranks)]
     if not ranks:
         msg = "overlap_ranks is empty"
         raise ValueError(msg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 import warnings
@@ -215,6 +216,11 @@ class _Reporter:
 )
 @click.option("--out", "out", required=True, metavar="FILE.h5", help="Result file, created or resumed.")
 @click.option("--force", is_flag=True, help="Accept a result file written with other settings and recompute.")
+@click.option(
+    "--shard", metavar="I/N|slurm", default=None,
+    help="Analyse only the I-th (0-based) of N disjoint shards of the step-ordered checkpoints, into "
+    "OUT.shard-I-of-N.h5 ('slurm': from SLURM_ARRAY_TASK_ID/COUNT); join the files with hessspec merge.",
+)  # fmt: skip
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only: no progress, no summary lines.")
 @debug_option
 def analyze(
@@ -243,6 +249,7 @@ def analyze(
     label: str | None,
     out: str,
     force: bool,
+    shard: str | None,
     quiet: bool,
 ) -> None:
     """Analyse the Hessian spectrum of each CHECKPOINT (files, directories or globs), in training-step order.
@@ -281,7 +288,28 @@ def analyze(
         ),
         label=label,
     )
-    reporter = _Reporter(out, quiet)
+    import functools
+
+    from hessspec import distributed
+
+    shard_spec = None
+    if shard is not None:
+        try:
+            shard_spec = distributed.parse_shard(shard)
+        except distributed.ShardError as error:
+            raise click.BadParameter(str(error), param_hint="--shard") from None
+        out = str(distributed.shard_output_path(out, shard_spec))
+    ctx = distributed.init_from_env(device)  # under torchrun (WORLD_SIZE > 1): this rank's context
+    hooks = {}
+    if ctx is not None:
+        job = dataclasses.replace(job, device=str(ctx.device))
+        hooks = {
+            "all_reduce": ctx.all_reduce,
+            "is_main": ctx.is_main,
+            "shard_batches": ctx.shard_batches,
+            "sync": functools.partial(distributed.sync_errors, ctx),
+        }
+    reporter = _Reporter(out, quiet or (ctx is not None and not ctx.is_main))
     report = None
     with warnings.catch_warnings():
         # torch.func loads its decompositions through the deprecated torch.jit.script (torch-internal noise).
@@ -296,6 +324,9 @@ def analyze(
                 explicit_step=step,
                 unsafe=unsafe_load,
                 observer=reporter.observer,
+                select=functools.partial(distributed.select_shard, spec=shard_spec) if shard_spec else None,
+                **hooks,
             )
         finally:
             reporter.close(report)
+            distributed.shutdown(ctx)

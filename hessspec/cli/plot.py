@@ -16,7 +16,6 @@ from hessspec.cli._common import CONTEXT_SETTINGS, debug_option, parse_int_list,
 from hessspec.spectrum import DEFAULT_SIGMA2
 
 _FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
-_DEFAULT_RANKS = (1, 5, 10)
 
 
 def use_agg_unless_chosen() -> None:
@@ -111,15 +110,10 @@ def evolution(files: tuple[str, ...], k_eigs: int, ranks: tuple[str, ...], out: 
     path = _figure_path(out)
     chosen = parse_int_list(ranks, "--ranks")
     runs = [_load(file) for file in files]
-    if not chosen:
-        stored = {int(k) for run in runs for c in run.checkpoints for k in c.overlap_k}
-        chosen = [k for k in _DEFAULT_RANKS if k in stored]
-        if stored and max(stored) < max(_DEFAULT_RANKS) and max(stored) not in chosen:
-            chosen.append(max(stored))  # e.g. r_3 when only 3 eigenpairs were kept
     use_agg_unless_chosen()
     from hessspec.plots import plot_evolution
 
-    _save(plot_evolution(runs, k_eigs=k_eigs, overlap_ranks=chosen), path)
+    _save(plot_evolution(runs, k_eigs=k_eigs, overlap_ranks=chosen or None), path)
 
 
 @plot.command(context_settings=CONTEXT_SETTINGS)

@@ -1,0 +1,138 @@
+"""Cost of full-data Hessian-vector products relative to a full-data gradient, measured side by side.
+
+A CIFAR-shaped CNN (3x32x32 inputs, 10 classes), with and without BatchNorm, on synthetic data (default 2,048
+examples in batches of 256). For each model, in one run:
+
+  gradient   one full-data gradient through HessianOperator.loss_and_gradient (the unit)
+  (a)        one full-data HVP by double backward (autograd.grad of g.v), the classical approach
+  (b)        hessspec's operator, one vector
+  (c)        hessspec's operator, a block of 10 vectors (reported per vector)
+  (d)        one whole SLQ run (m = 30 steps, 3 probes, + gradient chain) end to end, over the time of its HVPs
+
+Run:  python benchmarks/hvp.py [--examples 2048] [--device cpu|cuda] [--repeats 3]
+Timings are the median of --repeats runs after one warm-up. Record results in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hessspec.analysis import AnalysisSettings, analyze
+from hessspec.operators import HessianOperator
+
+
+def cifar_cnn(batch_norm: bool) -> nn.Module:
+    """Three conv stages (32, 64, 128 channels, 3x3, max-pool) and a linear head: ~0.29M parameters."""
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=not batch_norm)]
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(cout))
+        return [*layers, nn.ReLU(), nn.MaxPool2d(2)]
+
+    return nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128), nn.Flatten(), nn.Linear(128 * 16, 10))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def double_backward_hvp(model: nn.Module, batches, v: torch.Tensor) -> torch.Tensor:
+    """Full-data HVP by double backward on a train-mode copy (the usual approach), weighted by batch size."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(len(x) for x, _ in batches)
+    out = torch.zeros_like(v)
+    vs = list(v.to(params[0].dtype).split([p.numel() for p in params]))
+    vs = [t.view_as(p) for t, p in zip(vs, params, strict=True)]
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        dot = sum((gi * vi).sum() for gi, vi in zip(g, vs, strict=True))
+        hv = torch.autograd.grad(dot, params)
+        out.add_(torch.cat([h.reshape(-1) for h in hv]).to(out.dtype), alpha=len(x) / total)
+    return out
+
+
+def bench(batch_norm: bool, examples: int, batch_size: int, device: torch.device, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = cifar_cnn(batch_norm).to(device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(examples, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (examples,), generator=g)
+    batches = [(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)) for i in range(0, examples, batch_size)]
+    op = HessianOperator(model, batches)
+    n = op.n
+    v1 = torch.randn(n, 1, dtype=torch.float64, device=device)
+    v10 = torch.randn(n, 10, dtype=torch.float64, device=device)
+    db_model = copy.deepcopy(model).train()
+
+    t_grad = timed(op.loss_and_gradient, device, repeats)
+    t_db = timed(lambda: double_backward_hvp(db_model, batches, v1[:, 0]), device, repeats)
+    t_one = timed(lambda: op.matmat(v1), device, repeats)
+    t_block = timed(lambda: op.matmat(v10), device, repeats) / 10
+
+    settings = AnalysisSettings(lanczos_steps=30, probes=3, top_k=5, determinism_check=False)
+    t0 = time.perf_counter()
+    result = analyze(op, settings)
+    _sync(device)
+    t_slq = time.perf_counter() - t0
+    t_slq_hvp = result.timings["hvp"]
+    return {
+        "model": f"CIFAR CNN {'with' if batch_norm else 'without'} BN",
+        "params": n,
+        "grad_s": t_grad,
+        "a_double_backward": t_db / t_grad,
+        "b_one_vector": t_one / t_grad,
+        "c_block10_per_vector": t_block / t_grad,
+        "d_slq_overhead": t_slq / t_slq_hvp - 1.0,
+        "slq_s": t_slq,
+        "slq_hvp_s": t_slq_hvp,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"# torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} threads")
+    print(f"# {args.examples} synthetic CIFAR-shaped examples, batches of {args.batch_size}, float32 model")
+    header = "| model | params | gradient (s) | (a) double backward | (b) 1 vector | (c) 10 vectors, per vector | (d) SLQ overhead |"
+    print(header)
+    print("|" + "---|" * 7)
+    for bn in (False, True):
+        r = bench(bn, args.examples, args.batch_size, device, args.repeats)
+        print(
+            f"| {r['model']} | {r['params']:,} | {r['grad_s']:.3f} | {r['a_double_backward']:.2f}x | "
+            f"{r['b_one_vector']:.2f}x | {r['c_block10_per_vector']:.2f}x | {100 * r['d_slq_overhead']:.1f}% |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
