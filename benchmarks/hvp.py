@@ -80,7 +80,9 @@ def bench(batch_norm: bool, examples: int, batch_size: int, device: torch.device
     g = torch.Generator().manual_seed(1)
     x = torch.randn(examples, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (examples,), generator=g)
-    batches = [(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)) for i in range(0, examples, batch_size)]
+    batches = [
+        (x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)) for i in range(0, examples, batch_size)
+    ]
     op = HessianOperator(model, batches)
     n = op.n
     v1 = torch.randn(n, 1, dtype=torch.float64, device=device)
@@ -122,8 +124,10 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} threads")
     print(f"# {args.examples} synthetic CIFAR-shaped examples, batches of {args.batch_size}, float32 model")
-    header = "| model | params | gradient (s) | (a) double backward | (b) 1 vector | (c) 10 vectors, per vector | (d) SLQ overhead |"
-    print(header)
+    print(
+        "| model | params | gradient (s) | (a) double backward | (b) 1 vector | (c) 10 vectors, per vector "
+        "| (d) SLQ overhead |"
+    )
     print("|" + "---|" * 7)
     for bn in (False, True):
         r = bench(bn, args.examples, args.batch_size, device, args.repeats)

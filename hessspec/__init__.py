@@ -1,16 +1,64 @@
-"""hessspec: the whole Hessian eigenvalue spectrum of a neural network, across training."""
+"""hessspec: the whole Hessian eigenvalue spectrum of a neural network, across training.
 
-from hessspec.results import CheckpointResult
-from hessspec.spectrum import Density, Quadrature, density, quadrature, trace_estimate
+The public Python API. Names are imported lazily, so ``import hessspec.store`` or ``hessspec.plots`` does not
+load torch, and ``import hessspec`` is cheap::
+
+    import hessspec
+    op = hessspec.HessianOperator(model, batches, bn_mode="train")       # H of the mean loss over all batches
+    result = hessspec.analyze(op, hessspec.AnalysisSettings(lanczos_steps=90, probes=10))
+    result.top_eigenvalues, result.overlap_ratio, result.density().values
+    run = hessspec.load_results("results/nobn.h5")                       # typed results from an HDF5 file
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointResult",
-    "Density",
-    "Quadrature",
-    "density",
-    "quadrature",
-    "trace_estimate",
-    "__version__",
-]
+_EXPORTS = {
+    # numerical core
+    "HessianOperator": "hessspec.operators",
+    "DeterminismError": "hessspec.operators",
+    "lanczos": "hessspec.lanczos",
+    "LanczosResult": "hessspec.lanczos",
+    "quadrature": "hessspec.spectrum",
+    "density": "hessspec.spectrum",
+    "trace_estimate": "hessspec.spectrum",
+    "negative_mass": "hessspec.spectrum",
+    "bulk_edge": "hessspec.spectrum",
+    "Quadrature": "hessspec.spectrum",
+    "Density": "hessspec.spectrum",
+    "ritz_pairs": "hessspec.overlap",
+    "gradient_overlap": "hessspec.overlap",
+    # one checkpoint
+    "analyze": "hessspec.analysis",
+    "AnalysisSettings": "hessspec.analysis",
+    "CheckpointResult": "hessspec.results",
+    # files, models, data, pipeline
+    "load_results": "hessspec.store",
+    "RunResults": "hessspec.store",
+    "merge": "hessspec.store",
+    "load_checkpoint": "hessspec.checkpoints",
+    "build_model": "hessspec.models",
+    "load_dataset": "hessspec.datasets",
+    "materialize": "hessspec.datasets",
+    "AnalysisJob": "hessspec.pipeline",
+    "run": "hessspec.pipeline",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    msg = f"module 'hessspec' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -65,12 +65,22 @@ def rademacher_probes(n: int, p: int, seed: int) -> torch.Tensor:
 def _available_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    if device.type == "cpu" and hasattr(os, "sysconf"):
-        try:
-            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError):
-            return None
+        # Memory cached by PyTorch's allocator but unused (e.g. a previous checkpoint's bases) is free to us.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
+    if device.type == "cpu":
+        try:  # MemAvailable counts reclaimable page cache, unlike the free-page count
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        if hasattr(os, "sysconf"):
+            try:
+                return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+            except (ValueError, OSError):
+                return None
     return None
 
 

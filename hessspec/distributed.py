@@ -8,7 +8,7 @@ single-process one. Whole batches keep BatchNorm's per-mini-batch statistics (``
 one process. The probes come from a seeded CPU generator and an all-reduce hands every rank the same sum, so the
 Lanczos state is identical on every rank; only the order of the cross-rank sum differs from the single-process
 loop, which changes results by rounding only (~1e-15 relative in float64). :func:`verify_identical` checks the
-identity at the end.
+identity after each checkpoint (:func:`pipeline_hooks` wires all of this into :func:`hessspec.pipeline.run`).
 
 Failures. A rank-local failure (a truncated checkpoint, a model that does not fit) must not leave the other ranks
 waiting in a collective. Code that may fail on one rank only runs inside :func:`sync_errors`: at the end of the
@@ -27,6 +27,7 @@ at most one). Each task writes its own file (:func:`shard_output_path`); ``hesss
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -414,6 +415,27 @@ def verify_identical(ctx: DistributedContext | None, fingerprint: str, what: str
             "(nondeterministic kernels or mixed hardware); rerun on one device or identical GPUs"
         )
         raise DistributedError(msg)
+
+
+def pipeline_hooks(ctx: DistributedContext) -> dict[str, Any]:
+    """The data-parallel keyword arguments of :func:`hessspec.pipeline.run` for this rank.
+
+    ``all_reduce``, ``is_main`` and ``shard_batches`` from ``ctx``; ``sync`` runs a block under
+    :func:`sync_errors`; ``verify`` checks after each checkpoint that every rank holds the same result
+    (:func:`verify_identical` of :func:`result_fingerprint`); ``world_size`` is recorded in the result file.
+    """
+
+    def verify(result: Any, what: str) -> None:
+        verify_identical(ctx, result_fingerprint(result), what)
+
+    return {
+        "all_reduce": ctx.all_reduce,
+        "is_main": ctx.is_main,
+        "shard_batches": ctx.shard_batches,
+        "sync": functools.partial(sync_errors, ctx),
+        "verify": verify,
+        "world_size": ctx.world_size,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -103,8 +103,7 @@ class HessianOperator:
 
         self._model = functional_copy(model, bn_mode, self.dtype)
         self.batches = [
-            (x.to(self.device, self.dtype if x.is_floating_point() else x.dtype), y.to(self.device))
-            for x, y in batches
+            (x.to(self.device, self.dtype if x.is_floating_point() else x.dtype), y.to(self.device)) for x, y in batches
         ]
         sizes = torch.tensor([float(len(x)) for x, _ in self.batches], dtype=torch.float64)
         total = sizes.sum().to(self.device)

@@ -6,11 +6,12 @@ device and device-resident batches (:func:`prepare`), orders checkpoint files by
 (:func:`plan_checkpoints`), and analyses them one after another into a :class:`~hessspec.store.ResultWriter`,
 skipping those already stored (:func:`run`). Progress is reported through an :class:`Observer`.
 
-Data-parallel analysis plugs in with four hooks, all optional, which a ``hessspec.distributed.DistributedContext``
-``ctx`` provides: ``shard_batches`` (keep this process's share of the batches), ``all_reduce`` (sum a tensor across
-processes; given to :class:`~hessspec.operators.HessianOperator`), ``is_main`` (only the main process writes the
-file and reports) and ``sync`` (``functools.partial(hessspec.distributed.sync_errors, ctx)``: a failure on one
-rank is raised on all of them).
+Data-parallel analysis plugs in with hooks, all optional, which ``hessspec.distributed.pipeline_hooks(ctx)``
+builds from a ``DistributedContext``: ``shard_batches`` (keep this process's share of the batches), ``all_reduce``
+(sum a tensor across processes; given to :class:`~hessspec.operators.HessianOperator`), ``is_main`` (only the main
+process writes the file and reports), ``sync`` (``functools.partial(hessspec.distributed.sync_errors, ctx)``: a
+failure on one rank is raised on all of them), ``verify`` (every rank holds the same result) and ``world_size``
+(recorded in the file's config).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessspec.analysis import AnalysisSettings, analyze
+from hessspec.analysis import AnalysisSettings, analyze, check_memory
 from hessspec.checkpoints import (
     apply_state_dict,
     expand_checkpoint_paths,
@@ -42,6 +43,7 @@ from hessspec.results import CheckpointResult
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 ShardBatches = Callable[[list[Batch]], list[Batch]]
 Sync = Callable[[str], AbstractContextManager[None]]
+Verify = Callable[[CheckpointResult, str], None]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_BATCH_SIZE = 128  # the training batch size of the digits examples; BN train mode should use the training one
@@ -109,14 +111,15 @@ class AnalysisJob:
             arguments["num_classes"] = classes
         return arguments
 
-    def config(self, device: str | None = None) -> dict[str, Any]:
+    def config(self, device: str | None = None, world_size: int = 1) -> dict[str, Any]:
         """The run's config as stored in the result file.
 
         Everything that changes the numbers (compared when resuming or merging), plus ``label``, ``device``,
-        ``data_root`` and ``basis_device``, which ``hessspec.store`` ignores in that comparison.
+        ``data_root``, ``basis_device`` and ``world_size``, which ``hessspec.store`` ignores in that comparison.
 
         Args:
             device: the resolved device to record (default: ``self.device`` as given).
+            world_size: the number of data-parallel processes; recorded when above 1.
 
         Returns:
             A JSON-serialisable dict.
@@ -148,6 +151,8 @@ class AnalysisJob:
         }
         if data_root is not None:
             config["data_root"] = data_root
+        if world_size > 1:
+            config["world_size"] = world_size
         if self.label is not None:
             config["label"] = self.label
         return config
@@ -242,6 +247,8 @@ class Prepared:
         num_examples: examples in ``batches`` (this process's share under data parallelism).
         num_params: parameters spanned by the Hessian.
         selector: the parameter selector given to :class:`HessianOperator` (None for all).
+        total_examples: examples analysed by all processes together (``num_examples`` in one process).
+        total_batches: batches of all processes together (``len(batches)`` in one process).
     """
 
     job: AnalysisJob
@@ -252,6 +259,8 @@ class Prepared:
     num_examples: int
     num_params: int
     selector: Callable[[str, nn.Parameter], bool] | None
+    total_examples: int
+    total_batches: int
 
 
 def _first_line(error: BaseException) -> str:
@@ -335,6 +344,7 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
     dataset = load_dataset(job.data, samples=job.samples, seed=job.settings.seed, **job.data_args)
     batches = materialize(dataset, job.batch_size, device, dtype)
     _check_model_fits_data(model, batches, job)
+    total_examples, total_batches = sum(len(x) for x, _ in batches), len(batches)
     if shard_batches is not None:
         batches = list(shard_batches(batches))
     _check_batch_sizes(model, batches, job)
@@ -355,6 +365,8 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
         num_examples=sum(len(x) for x, _ in batches),
         num_params=sum(params[name].numel() for name in names),
         selector=selector,
+        total_examples=total_examples,
+        total_batches=total_batches,
     )
 
 
@@ -411,6 +423,20 @@ def plan_checkpoints(
         )
         raise PipelineError(msg)
     return sorted(planned, key=lambda item: (item.step, str(item.path)))
+
+
+def check_lanczos_memory(prepared: Prepared) -> None:
+    """Refuse, before any data pass, a Lanczos basis that cannot fit where it would live.
+
+    :func:`hessspec.analysis.analyze` checks this too, but only after the operator has summed the batch sizes
+    across processes; run under ``sync`` this check lets a rank short of memory stop every rank with its message.
+
+    Raises:
+        MemoryError: see :func:`hessspec.analysis.check_memory`.
+    """
+    settings = prepared.job.settings
+    chains = settings.probes + int(settings.gradient_crosscheck)
+    check_memory(prepared.num_params, settings, chains, prepared.device)
 
 
 def load_weights(prepared: Prepared, item: PlannedCheckpoint, *, unsafe: bool = False) -> str:
@@ -593,6 +619,8 @@ def run(
     shard_batches: ShardBatches | None = None,
     sync: Sync | None = None,
     select: Callable[[list[PlannedCheckpoint]], list[PlannedCheckpoint]] | None = None,
+    verify: Verify | None = None,
+    world_size: int = 1,
 ) -> RunReport:
     """Analyse checkpoints in step order into a result file, skipping those already stored with the same settings.
 
@@ -617,14 +645,20 @@ def run(
             (reading files, opening and writing the result file on the main process); under data parallelism
             ``functools.partial(hessspec.distributed.sync_errors, ctx)``, so that every rank raises instead of
             waiting in the next collective. None for one process.
+        select: keeps the checkpoints of this task (``--shard``), given the step-ordered plan; None keeps all.
+        verify: ``verify(result, what)`` is called on every process after each checkpoint's analysis, before it
+            is written; under data parallelism it raises on every rank when the ranks' results differ
+            (``hessspec.distributed.verify_identical``). None for one process.
+        world_size: the number of data-parallel processes, recorded in the file's config when above 1.
 
     Returns:
         A :class:`RunReport`.
 
     Raises:
         PipelineError, hessspec.store.StoreError, hessspec.checkpoints.CheckpointError, hessspec.models.ModelError,
-        hessspec.datasets.DatasetError, ...: see :func:`prepare`, :func:`plan_checkpoints`,
-        :func:`analyze_checkpoint` and :class:`hessspec.store.ResultWriter`. Results already written stay.
+        hessspec.datasets.DatasetError, MemoryError, ...: see :func:`prepare`, :func:`plan_checkpoints`,
+        :func:`check_lanczos_memory`, :func:`analyze_checkpoint` and :class:`hessspec.store.ResultWriter`.
+        Results already written stay.
     """
     from hessspec.store import ResultWriter
 
@@ -647,7 +681,8 @@ def run(
     try:
         with guard(f"opening {out}"):
             if is_main:
-                writer = ResultWriter(out, label=job.label, config=job.config(device=str(prepared.device)), force=force)
+                config = job.config(device=str(prepared.device), world_size=world_size)
+                writer = ResultWriter(out, label=job.label, config=config, force=force)
                 stored = [writer.has(c.step, c.sha256) for c in plan]
         done = [_agree(flag, all_reduce, prepared.device) for flag in stored]
         if is_main:
@@ -664,9 +699,14 @@ def run(
                 observer.started(item, len(analysed), len(todo))
             with guard(f"loading {item.path}"):
                 sha256 = load_weights(prepared, item, unsafe=unsafe)
+            # Here, for every checkpoint, rather than once: the free memory it measures changes between them.
+            with guard(f"checking memory for step {item.step}"):
+                check_lanczos_memory(prepared)
             result = analyze_loaded(
                 prepared, item, sha256, all_reduce=all_reduce, progress=observer.lanczos_step if is_main else None
             )
+            if verify is not None:
+                verify(result, f"step {item.step}")
             with guard(f"writing step {item.step} to {out}"):
                 if writer is not None:
                     writer.write(result)

@@ -81,9 +81,7 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def set_population_statistics(
-    fmodel: nn.Module, batches: Sequence[Batch], all_reduce: AllReduce | None = None
-) -> None:
+def set_population_statistics(fmodel: nn.Module, batches: Sequence[Batch], all_reduce: AllReduce | None = None) -> None:
     """Set every BatchNorm layer's statistics to those of its input over all ``batches``.
 
     The layers are visited in forward order and each one's statistics are computed with all earlier layers

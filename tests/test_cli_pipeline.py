@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 
+from hessspec import pipeline
 from hessspec.analysis import AnalysisSettings
 from hessspec.checkpoints import CheckpointError
 from hessspec.cli._progress import ProgressLine, bar, format_duration
@@ -96,16 +97,72 @@ def test_hooks_for_data_parallel_runs(ckpts, tmp_path):
         guarded.append(what)
         yield
 
+    verified = []
+
+    def verify(result, what: str) -> None:
+        verified.append((result.step, what))
+
     out = tmp_path / "worker.h5"
     report = run(
         job(batch_size=30), [ckpts / "ckpt_00020.pt"], out, is_main=False, all_reduce=all_reduce,
-        shard_batches=first_half, sync=sync,
+        shard_batches=first_half, sync=sync, verify=verify, world_size=2,
     )  # fmt: skip
     assert not out.exists()  # only the main process writes
     assert report.analysed[0].n_samples == 60  # two of the four batches of 30
     assert torch.Size([1]) in reduced  # the skip decision is agreed through all_reduce
     assert len(reduced) > 10  # and the Hessian products are reduced
-    assert [w.split()[0] for w in guarded] == ["checking", "reading", "building", "opening", "loading", "writing"]
+    assert guarded == [
+        f"checking {out}", "reading the checkpoints", "building the model and loading the data", f"opening {out}",
+        f"loading {ckpts / 'ckpt_00020.pt'}", "checking memory for step 20", f"writing step 20 to {out}",
+    ]  # fmt: skip
+    assert verified == [(20, "step 20")]
+
+    prepared = prepare(job(batch_size=30), shard_batches=first_half)
+    assert (len(prepared.batches), prepared.num_examples) == (2, 60)  # this process's share ...
+    assert (prepared.total_batches, prepared.total_examples) == (4, 120)  # ... of the whole data
+
+
+def test_main_process_records_world_size_and_writes_only_verified_results(ckpts, tmp_path):
+    out = tmp_path / "main.h5"
+    run(job(), [ckpts / "ckpt_00000.pt"], out, verify=lambda result, what: None, world_size=2)
+    assert load_results(out).config["world_size"] == 2
+    assert "world_size" not in job().config(device="cpu")  # one process records none
+
+    def diverged(result, what: str) -> None:
+        if result.step == 20:
+            raise ValueError(f"the ranks computed different values for {what}")
+
+    with pytest.raises(ValueError, match="different values for step 20"):
+        run(job(), [ckpts], out, verify=diverged, world_size=2)
+    assert load_results(out).steps == (0,)  # step 20 is not written; the run stops before step 40
+
+
+def test_memory_is_checked_inside_a_sync_block_before_the_data_passes(ckpts, tmp_path, monkeypatch):
+    calls, seen = [], []
+
+    def check_memory(n, settings, chains, device):
+        calls.append((n, chains, device))
+        raise MemoryError("the Lanczos bases need 9.00 GiB")
+
+    def analyze(*args, **kwargs):
+        raise AssertionError("analysed although the memory check failed")
+
+    @contextlib.contextmanager
+    def sync(what: str):
+        try:
+            yield
+        except Exception as error:
+            seen.append((what, type(error).__name__))
+            raise
+
+    monkeypatch.setattr(pipeline, "check_memory", check_memory)
+    monkeypatch.setattr(pipeline, "analyze", analyze)
+    with pytest.raises(MemoryError, match="9.00 GiB"):
+        run(job(), [ckpts / "ckpt_00020.pt"], tmp_path / "o.h5", sync=sync)
+    assert seen == [("checking memory for step 20", "MemoryError")]
+    # The estimate of analysis.analyze: every parameter, the probes plus the gradient chain, on the model's device.
+    assert calls == [(64 * 8 + 8 + 8 * 10 + 10, SETTINGS.probes + 1, torch.device("cpu"))]
+    assert load_results(tmp_path / "o.h5").steps == ()
 
 
 def test_sync_sees_rank_local_failures(ckpts, tmp_path):

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from hessspec import distributed, pipeline
 from hessspec.analysis import AnalysisSettings, analyze
 from hessspec.checkpoints import load_checkpoint
 from hessspec.datasets import load_dataset, materialize
@@ -32,6 +33,7 @@ from hessspec.distributed import (
     init_from_env,
     on_main,
     parse_shard,
+    pipeline_hooks,
     result_fingerprint,
     select_shard,
     shard_output_path,
@@ -41,6 +43,7 @@ from hessspec.distributed import (
 )
 from hessspec.models import build_model
 from hessspec.operators import HessianOperator
+from hessspec.store import load_results
 
 WORLD = 2
 BN_MODES = ("train", "population")
@@ -162,7 +165,50 @@ def _scenario_failures(ctx, out, outdir):
     _capture(out, "dead_rank", lambda: analyze(op, SETTINGS))
 
 
-SCENARIOS = {"analyze": _scenario_analyze, "failures": _scenario_failures}
+# The pipeline under 2 ranks: a BN network in float64 on 80 digits in 5 batches of 16 (ranks hold 2 and 3).
+PIPELINE_JOB = pipeline.AnalysisJob(
+    model="mlp-bn",
+    data="digits",
+    model_args={"width": 8, "depth": 2},
+    samples=80,
+    batch_size=16,
+    dtype="float64",
+    device="cpu",
+    settings=AnalysisSettings(lanczos_steps=5, probes=2, top_k=2, seed=1),
+)
+PIPELINE_STEPS = (0, 10)
+
+
+def _scenario_pipeline(ctx, out, outdir):
+    hooks = pipeline_hooks(ctx)
+    checkpoints = [str(outdir / "ckpt_*.pt")]
+    report = pipeline.run(PIPELINE_JOB, checkpoints, outdir / "dp.h5", **hooks)
+    out["analysed"] = [(r.step, r.n_samples) for r in report.analysed]
+
+    real_check_memory = pipeline.check_memory
+
+    def short_on_rank1(n, settings, chains, device):  # rank 1 alone lacks memory for the Lanczos bases
+        if ctx.rank == 1:
+            raise MemoryError("the Lanczos bases need 9.00 GiB but cpu has 1.00 GiB free")
+        return real_check_memory(n, settings, chains, device)
+
+    pipeline.check_memory = short_on_rank1
+    try:
+        _capture(out, "memory", lambda: pipeline.run(PIPELINE_JOB, checkpoints, outdir / "memory.h5", **hooks))
+    finally:
+        pipeline.check_memory = real_check_memory
+
+    real_fingerprint = distributed.result_fingerprint
+    distributed.result_fingerprint = lambda result: "x" if ctx.rank == 1 else real_fingerprint(result)
+    try:
+        _capture(out, "diverged", lambda: pipeline.run(PIPELINE_JOB, checkpoints, outdir / "diverged.h5", **hooks))
+    finally:
+        distributed.result_fingerprint = real_fingerprint
+    ctx.barrier()
+    out["survived"] = True
+
+
+SCENARIOS = {"analyze": _scenario_analyze, "failures": _scenario_failures, "pipeline": _scenario_pipeline}
 
 
 def _launch(scenario: str, outdir: Path, timeout_s: float = 60, meanwhile=None) -> list[dict | None]:
@@ -284,6 +330,57 @@ def test_failure_on_one_rank_ends_all_ranks_with_its_message(tmp_path):
 
         kind, message, _ = out["too_few_batches"]
         assert kind == "DistributedError" and "1 batch(es) cannot be shared by 2 ranks" in message
+
+
+def test_pipeline_on_two_ranks(tmp_path):
+    """pipeline.run with pipeline_hooks: the single-process results, world_size recorded, and a rank's memory
+    shortage or a diverged result stops both ranks with the message, before anything is written."""
+    for i, step in enumerate(PIPELINE_STEPS):
+        torch.manual_seed(i)
+        model = build_model("mlp-bn", width=8, depth=2)
+        torch.save({"model": model.state_dict(), "step": step}, tmp_path / f"ckpt_{step:03d}.pt")
+    single = {}
+
+    def reference():
+        report = pipeline.run(PIPELINE_JOB, [str(tmp_path / "ckpt_*.pt")], tmp_path / "single" / "one.h5")
+        single.update({r.step: r for r in report.analysed})
+
+    (tmp_path / "single").mkdir()
+    ranks = _launch("pipeline", tmp_path, meanwhile=reference)
+    for r, out in enumerate(ranks):
+        assert out is not None and "error" not in out, f"rank {r}: {out and out.get('traceback')}"
+        assert out["survived"]
+        assert out["analysed"] == [(0, 80), (10, 80)]  # both ranks hold the global results
+
+        kind, message, _ = out["memory"]
+        assert kind == "DistributedError"
+        assert message == (
+            "1 of 2 ranks failed while checking memory for step 0: rank 1: MemoryError: the Lanczos bases need "
+            "9.00 GiB but cpu has 1.00 GiB free"
+        )
+        assert out["memory_s"] < 10
+
+        kind, message, _ = out["diverged"]
+        assert kind == "DistributedError" and "different values for step 0" in message
+
+    stored = load_results(tmp_path / "dp.h5")
+    assert stored.config["world_size"] == 2
+    assert "world_size" not in load_results(tmp_path / "single" / "one.h5").config
+    for result in stored.checkpoints:
+        for name in ("nodes", "weights", "top_eigenvalues", "overlap_ratio"):
+            np.testing.assert_allclose(
+                getattr(result, name), getattr(single[result.step], name), rtol=0, atol=1e-10, err_msg=name
+            )
+    assert load_results(tmp_path / "memory.h5").steps == ()
+    assert load_results(tmp_path / "diverged.h5").steps == ()
+
+
+def test_pipeline_hooks_without_a_process_group():
+    ctx = _ctx(1, 3)
+    hooks = pipeline_hooks(ctx)
+    assert set(hooks) == {"all_reduce", "is_main", "shard_batches", "sync", "verify", "world_size"}
+    assert hooks["is_main"] is False and hooks["world_size"] == 3
+    assert hooks["shard_batches"](list(range(6))) == [2, 3]
 
 
 def test_agree_without_context_reraises_unchanged():

@@ -111,9 +111,7 @@ def test_parameter_subset_is_the_principal_submatrix():
     names = [k for k, _ in model.named_parameters()]
     sizes = [p.numel() for p in model.parameters()]
     conv = [k for k in names if k.endswith("weight") and k.split(".")[0] in ("0", "3")]
-    idx = torch.cat(
-        [torch.arange(sum(sizes[:i]), sum(sizes[: i + 1])) for i, k in enumerate(names) if k in conv]
-    )
+    idx = torch.cat([torch.arange(sum(sizes[:i]), sum(sizes[: i + 1])) for i, k in enumerate(names) if k in conv])
     by_name = HessianOperator(model, batches, params=conv)
     by_predicate = HessianOperator(model, batches, params=lambda k, p: p.ndim == 4)
     assert by_name.n == len(idx) == by_predicate.n

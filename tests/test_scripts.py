@@ -2,8 +2,7 @@
 the paper-reproduction driver end to end, on a tiny CIFAR-10 directory in the real on-disk format, on the CPU.
 
 The SLURM templates are run with bash as SLURM would run them, with the SLURM_* variables an array task or a
-multi-GPU job sees; ``torchrun`` starts 2 ranks on the CPU with gloo. The tests that need ``hessspec analyze
---shard`` or its torchrun support skip until the command line has them.
+multi-GPU job sees; ``torchrun`` starts 2 ranks on the CPU with gloo.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import torch
 
 from hessspec.checkpoints import load_checkpoint
 from hessspec.models import build_model
+from hessspec.store import load_results
 from tests.test_datasets import write_cifar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,28 +29,6 @@ HESSSPEC = f"{sys.executable} -m hessspec"
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-
-
-@cache
-def _analyze_help() -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "hessspec", "analyze", "--help"], capture_output=True, text=True, check=False
-    )
-    return done.stdout
-
-
-@cache
-def _cli_is_distributed() -> bool:
-    import hessspec
-
-    sources = [*(Path(hessspec.__file__).parent / "cli").glob("*.py"), Path(hessspec.__file__).parent / "pipeline.py"]
-    return any("init_from_env" in path.read_text() for path in sources if path.exists())
-
-
-needs_shard = pytest.mark.skipif("--shard" not in _analyze_help(), reason="hessspec analyze has no --shard option yet")
-needs_torchrun = pytest.mark.skipif(
-    not _cli_is_distributed(), reason="hessspec analyze does not join torchrun's process group yet"
-)
 
 
 def _env(**variables: object) -> dict[str, str]:
@@ -72,8 +49,6 @@ def _run(command: list[str], env: dict[str, str], cwd: Path, timeout: float = 30
 
 
 def _results(path: Path) -> dict:
-    from hessspec.store import load_results
-
     return {c.step: c for c in load_results(path).checkpoints}
 
 
@@ -221,7 +196,6 @@ def digits_run(tmp_path_factory):
     return root, _results(reference)
 
 
-@needs_shard
 def test_array_template_shards_merge_and_resume(digits_run, tmp_path):
     root, reference = digits_run
     out = tmp_path / "results" / "run.h5"
@@ -254,7 +228,6 @@ def test_array_template_shards_merge_and_resume(digits_run, tmp_path):
     assert bare.returncode != 0 and "submit with sbatch --array" in bare.stderr
 
 
-@needs_torchrun
 def test_multigpu_template_with_two_cpu_ranks_equals_one_process(digits_run, tmp_path):
     root, reference = digits_run
     out = tmp_path / "results" / "dp.h5"
@@ -262,13 +235,29 @@ def test_multigpu_template_with_two_cpu_ranks_equals_one_process(digits_run, tmp
         **PROBLEM, CHECKPOINTS=str(root / "ckpt_*.pt"), OUT=out, NPROC_PER_NODE=2, SLURM_NNODES=1,
         SLURM_CPUS_PER_TASK=2, SLURM_JOB_ID=7, HESSSPEC_DIST_TIMEOUT_S=120,
     )  # fmt: skip
-    done = _run(["bash", str(SCRIPTS / "slurm" / "analyze_multigpu.sbatch")], env, tmp_path)
+    script = str(SCRIPTS / "slurm" / "analyze_multigpu.sbatch")
+    done = _run(["bash", script], env, tmp_path)
     assert "1 node(s) x 2 rank(s)" in done.stdout
     results = _results(out)
     _assert_same_results(results, reference, atol=1e-10)
     assert all(r.n_samples == 80 for r in results.values())
-    # Only rank 0 reports: at most one summary line per checkpoint.
-    assert 1 <= sum(line.startswith("step") for line in done.stdout.splitlines()) <= len(STEPS)
+    assert load_results(out).config["world_size"] == 2
+    # Only rank 0 reports, with the counts of the whole data: one summary line per checkpoint.
+    assert sum(line.startswith("step") for line in done.stdout.splitlines()) == len(STEPS)
+    assert "(80 examples in 5 batches over 2 ranks)" in done.stderr
+
+    # A checkpoint that every rank fails to read: one Error line (rank 0's), and torchrun fails.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    data = (root / "ckpt_000010.pt").read_bytes()
+    (broken / "ckpt_000010.pt").write_bytes(data[: len(data) // 2])
+    env.update(CHECKPOINTS=str(broken / "ckpt_*.pt"), OUT=str(tmp_path / "results" / "broken.h5"))
+    failed = subprocess.run(["bash", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    errors = [line for line in (failed.stdout + failed.stderr).splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, failed.stderr
+    assert "2 of 2 ranks failed while reading the checkpoints: ranks 0, 1: CheckpointError" in errors[0]
+    assert "ckpt_000010.pt" in errors[0]
 
 
 # ------------------------------------------------------------------------------------------ reproduce_paper.sh
@@ -350,7 +339,6 @@ def test_reproduce_paper_end_to_end(paper_run):
 
 
 @pytest.mark.slow
-@needs_shard
 def test_reproduce_paper_slurm_mode_matches_local(paper_run, tmp_path):
     root, env, _ = paper_run
     fake_bin = tmp_path / "bin"

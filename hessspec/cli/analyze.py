@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from hessspec.cli._common import CONTEXT_SETTINGS, can_encode, debug_option, fmt_number
+from hessspec.cli._common import CONTEXT_SETTINGS, can_encode, debug_option, describe_error, fmt_number, is_debug
 from hessspec.cli._progress import ProgressLine, format_duration
 
 _DEFAULTS = {  # hessspec.analysis.AnalysisSettings and hessspec.pipeline; kept here so --help needs no torch
@@ -42,6 +42,14 @@ class _AnalyzeCommand(click.Command):
                 "ROOT is a directory in torchvision's layout; nothing is downloaded. Only 'synthetic' and factories "
                 "take --data-arg (synthetic: shape, num_classes, size, data_seed)."
             )
+        with formatter.section("Several processes"):
+            formatter.write_text(
+                "Many checkpoints: run N tasks with --shard I/N (or --shard slurm in an array job), then hessspec "
+                "merge OUT.h5 OUT.shard-*-of-N.h5. One big checkpoint: torchrun --standalone --nproc-per-node G -m "
+                "hessspec analyze ... splits the data by whole batches over G ranks (one per GPU with --device cuda; "
+                "gloo with --device cpu); the result equals one process's to rounding and rank 0 writes the file. "
+                "Templates: scripts/slurm/."
+            )
         super().format_epilog(ctx, formatter)
 
 
@@ -70,11 +78,12 @@ def _choose(value: str | None, factory: str | None, option: str, factory_option:
 class _Reporter:
     """Turns pipeline events into the progress line (stderr) and one summary line per checkpoint (stdout)."""
 
-    def __init__(self, out: str, quiet: bool) -> None:
+    def __init__(self, out: str, quiet: bool, world_size: int = 1) -> None:
         from hessspec.pipeline import Observer
 
         self.out = out
         self.quiet = quiet
+        self.world_size = world_size
         self.progress = ProgressLine(sys.stderr, enabled=not quiet and sys.stderr.isatty())
         self.lam = "λ" if can_encode("λ") else "lambda"
         self.started = time.monotonic()
@@ -112,11 +121,12 @@ class _Reporter:
         todo = len(plan) - sum(done)
         self.progress.begin(todo)
         stored = f", {sum(done)} already in {self.out}" if any(done) else ""
-        batches = len(prepared.batches)
+        batches = prepared.total_batches
+        ranks = f" over {self.world_size} ranks" if self.world_size > 1 else ""
         self.say(
             f"analysing {todo} of {len(plan)} checkpoint(s){stored}: {prepared.job.model} "
-            f"({prepared.num_params:,} parameters) on {prepared.job.data} ({prepared.num_examples:,} examples in "
-            f"{batches} batch{'es' if batches != 1 else ''}), {prepared.device}, {prepared.job.dtype}",
+            f"({prepared.num_params:,} parameters) on {prepared.job.data} ({prepared.total_examples:,} examples in "
+            f"{batches} batch{'es' if batches != 1 else ''}{ranks}), {prepared.device}, {prepared.job.dtype}",
             err=True,
         )
 
@@ -256,7 +266,8 @@ def analyze(
 
     Each checkpoint's result is in FILE.h5 as soon as it is computed; rerunning the same command skips the
     checkpoints already there and finishes the others. A progress line goes to stderr (on a terminal) and one line
-    per checkpoint to stdout: step, loss, top eigenvalue, trace, gradient overlap r_10 and seconds.
+    per checkpoint to stdout: step, loss, top eigenvalue, trace, gradient overlap r_10 and seconds. Under torchrun
+    the ranks share each checkpoint's data and rank 0 reports; see 'Several processes' below.
     """
     from hessspec.analysis import AnalysisSettings
     from hessspec.pipeline import AnalysisJob, run
@@ -303,13 +314,8 @@ def analyze(
     hooks = {}
     if ctx is not None:
         job = dataclasses.replace(job, device=str(ctx.device))
-        hooks = {
-            "all_reduce": ctx.all_reduce,
-            "is_main": ctx.is_main,
-            "shard_batches": ctx.shard_batches,
-            "sync": functools.partial(distributed.sync_errors, ctx),
-        }
-    reporter = _Reporter(out, quiet or (ctx is not None and not ctx.is_main))
+        hooks = distributed.pipeline_hooks(ctx)
+    reporter = _Reporter(out, quiet or (ctx is not None and not ctx.is_main), 1 if ctx is None else ctx.world_size)
     report = None
     with warnings.catch_warnings():
         # torch.func loads its decompositions through the deprecated torch.jit.script (torch-internal noise).
@@ -327,6 +333,22 @@ def analyze(
                 select=functools.partial(distributed.select_shard, spec=shard_spec) if shard_spec else None,
                 **hooks,
             )
+        except Exception as error:
+            if ctx is None or ctx.is_main or is_debug(click.get_current_context(silent=True)):
+                raise
+            if _known_to_all_ranks(error):
+                raise click.exceptions.Exit(1) from None  # rank 0 prints the same message
+            raise click.ClickException(f"rank {ctx.rank}: {describe_error(error)}") from None
         finally:
             reporter.close(report)
             distributed.shutdown(ctx)
+
+
+def _known_to_all_ranks(error: BaseException) -> bool:
+    # Failures inside the pipeline's sync blocks arrive as the same DistributedError on every rank; the other
+    # ValueErrors (settings), FloatingPointError (sums are all-reduced: every rank sees the NaN) and
+    # DeterminismError (checked on the all-reduced gradient) are raised alike by every rank. Anything else (CUDA
+    # out of memory, a broken connection) may be this rank's alone, and would be lost if only rank 0 spoke.
+    from hessspec.operators import DeterminismError
+
+    return isinstance(error, (ValueError, ArithmeticError, DeterminismError))
