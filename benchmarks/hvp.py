@@ -6,8 +6,12 @@ examples in batches of 256). For each model, in one run:
   gradient   one full-data gradient through HessianOperator.loss_and_gradient (the unit)
   (a)        one full-data HVP by double backward (autograd.grad of g.v), the classical approach
   (b)        hessspec's operator, one vector
-  (c)        hessspec's operator, a block of 10 vectors (reported per vector)
-  (d)        one whole SLQ run (m = 30 steps, 3 probes, + gradient chain) end to end, over the time of its HVPs
+  (c)        hessspec's operator, a block of 10 vectors (reported per vector), with its default block strategy
+             ("auto": a loop over columns on the CPU for convolutional models, vmap otherwise)
+  (c')       the same block with vmap forced
+  (d)        one whole SLQ run (m = 30 steps, 3 probes, + gradient chain) end to end, over the time of its HVPs,
+             on --slq-examples examples (the non-HVP work does not grow with the data, so a smaller set gives an
+             upper bound on the overhead of the full set)
 
 Run:  python benchmarks/hvp.py [--examples 2048] [--device cpu|cuda] [--repeats 3]
 Timings are the median of --repeats runs after one warm-up. Record results in benchmarks/RESULTS.md.
@@ -39,6 +43,17 @@ def cifar_cnn(batch_norm: bool) -> nn.Module:
         return [*layers, nn.ReLU(), nn.MaxPool2d(2)]
 
     return nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128), nn.Flatten(), nn.Linear(128 * 16, 10))
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _sync(device: torch.device) -> None:
@@ -74,7 +89,9 @@ def double_backward_hvp(model: nn.Module, batches, v: torch.Tensor) -> torch.Ten
     return out
 
 
-def bench(batch_norm: bool, examples: int, batch_size: int, device: torch.device, repeats: int) -> dict:
+def bench(
+    batch_norm: bool, examples: int, batch_size: int, device: torch.device, repeats: int, slq_examples: int
+) -> dict:
     torch.manual_seed(0)
     model = cifar_cnn(batch_norm).to(device)
     g = torch.Generator().manual_seed(1)
@@ -93,10 +110,13 @@ def bench(batch_norm: bool, examples: int, batch_size: int, device: torch.device
     t_db = timed(lambda: double_backward_hvp(db_model, batches, v1[:, 0]), device, repeats)
     t_one = timed(lambda: op.matmat(v1), device, repeats)
     t_block = timed(lambda: op.matmat(v10), device, repeats) / 10
+    op_vmap = HessianOperator(model, batches, block_strategy="vmap")
+    t_vmap = timed(lambda: op_vmap.matmat(v10), device, repeats) / 10
 
     settings = AnalysisSettings(lanczos_steps=30, probes=3, top_k=5, determinism_check=False)
+    slq_op = HessianOperator(model, batches[: max(1, slq_examples // batch_size)])
     t0 = time.perf_counter()
-    result = analyze(op, settings)
+    result = analyze(slq_op, settings)
     _sync(device)
     t_slq = time.perf_counter() - t0
     t_slq_hvp = result.timings["hvp"]
@@ -107,6 +127,8 @@ def bench(batch_norm: bool, examples: int, batch_size: int, device: torch.device
         "a_double_backward": t_db / t_grad,
         "b_one_vector": t_one / t_grad,
         "c_block10_per_vector": t_block / t_grad,
+        "c_vmap_per_vector": t_vmap / t_grad,
+        "strategy": op.block_strategy,
         "d_slq_overhead": t_slq / t_slq_hvp - 1.0,
         "slq_s": t_slq,
         "slq_hvp_s": t_slq_hvp,
@@ -118,22 +140,27 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--slq-examples", type=int, default=512)
     args = parser.parse_args()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     print(f"# torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} threads")
-    print(f"# {args.examples} synthetic CIFAR-shaped examples, batches of {args.batch_size}, float32 model")
+    print(
+        f"# {args.examples} synthetic CIFAR-shaped examples, batches of {args.batch_size}, float32 model; "
+        f"(d) on the first {args.slq_examples}; median of {args.repeats} run(s) after a warm-up"
+    )
     print(
         "| model | params | gradient (s) | (a) double backward | (b) 1 vector | (c) 10 vectors, per vector "
-        "| (d) SLQ overhead |"
+        "| (c') 10 vectors, vmap, per vector | (d) SLQ overhead |"
     )
-    print("|" + "---|" * 7)
+    print("|" + "---|" * 8)
     for bn in (False, True):
-        r = bench(bn, args.examples, args.batch_size, device, args.repeats)
+        r = bench(bn, args.examples, args.batch_size, device, args.repeats, args.slq_examples)
         print(
             f"| {r['model']} | {r['params']:,} | {r['grad_s']:.3f} | {r['a_double_backward']:.2f}x | "
-            f"{r['b_one_vector']:.2f}x | {r['c_block10_per_vector']:.2f}x | {100 * r['d_slq_overhead']:.1f}% |",
+            f"{r['b_one_vector']:.2f}x | {r['c_block10_per_vector']:.2f}x ({r['strategy']}) | "
+            f"{r['c_vmap_per_vector']:.2f}x | {100 * r['d_slq_overhead']:.1f}% |",
             flush=True,
         )
 

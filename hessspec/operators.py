@@ -68,6 +68,11 @@ class HessianOperator:
         all_reduce: sums a tensor in place across processes (data-parallel analysis), or None. Each process holds
             a disjoint shard of the batches; sums are weighted by the global number of examples.
         vmap_chunk_size: evaluate at most this many columns of a block at once (bounds memory); None for all.
+        block_strategy: how a block's columns are evaluated: "vmap" (one vectorised forward-over-reverse pass,
+            the primal computed once), "loop" (one pass per column), or "auto": "loop" on the CPU for models with
+            convolutions, where vmap turns the batched weight tangents into grouped convolutions that cost more
+            than separate passes (measured in benchmarks/RESULTS.md), "vmap" otherwise. The choice changes only
+            rounding, and it is deterministic, so the same seed still gives bit-identical results.
 
     Raises:
         ValueError: bad ``bn_mode``, empty data, unknown or empty parameter selection.
@@ -84,8 +89,12 @@ class HessianOperator:
         dtype: torch.dtype | None = None,
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         vmap_chunk_size: int | None = None,
+        block_strategy: str = "auto",
     ) -> None:
         check_bn_mode(bn_mode)
+        if block_strategy not in ("auto", "vmap", "loop"):
+            msg = f"block_strategy must be auto, vmap or loop; got {block_strategy!r}"
+            raise ValueError(msg)
         if len(batches) == 0:
             msg = "no data: the sequence of batches is empty"
             raise ValueError(msg)
@@ -100,6 +109,10 @@ class HessianOperator:
         self._all_reduce = all_reduce
         self.vmap_chunk_size = vmap_chunk_size
         self.param_names = _select(model, params)
+        if block_strategy == "auto":
+            has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+            block_strategy = "loop" if (self.device.type == "cpu" and has_conv) else "vmap"
+        self.block_strategy = block_strategy
 
         self._model = functional_copy(model, bn_mode, self.dtype)
         self.batches = [
@@ -145,6 +158,8 @@ class HessianOperator:
 
         if V.shape[1] == 1:
             return hvp(V[:, 0]).unsqueeze(1)
+        if self.block_strategy == "loop":
+            return torch.stack([hvp(V[:, i]) for i in range(V.shape[1])], dim=1)
         return vmap(hvp, in_dims=1, out_dims=1, chunk_size=self.vmap_chunk_size)(V)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:

@@ -214,3 +214,19 @@ def test_to_scipy_agrees():
     lin = op.to_scipy()
     v = torch.randn(op.n, dtype=torch.float64).numpy()
     assert abs(lin @ v - H @ v).max() <= 1e-12 * abs(H @ v).max()
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_block_strategies_agree(strategy):
+    x, y = _data("cnn")
+    model = _model("cnn", True)
+    batches = ref.make_batches(x, y, BATCH)
+    f, theta = ref.module_loss(model, batches, "train")
+    H_ref = ref.dense_hessian(f, theta)
+    op = HessianOperator(model, batches, block_strategy=strategy)
+    V = torch.randn(op.n, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert _relerr(op.matmat(V), H_ref @ V) <= RTOL64
+    assert HessianOperator(model, batches).block_strategy == "loop"  # CPU + convolutions
+    assert HessianOperator(_model("mlp", True), ref.make_batches(*_data("mlp"), BATCH)).block_strategy == "vmap"
+    with pytest.raises(ValueError, match="block_strategy"):
+        HessianOperator(model, batches, block_strategy="fast")
