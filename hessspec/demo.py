@@ -142,8 +142,9 @@ def run_demo(
 
 
 def _peak_step(run) -> int:
-    """The checkpoint with the largest λ1 (where the outliers are most pronounced)."""
-    return max(run.checkpoints, key=lambda c: c.lambda_max).step
+    """The trained checkpoint (step > 0, if any) with the largest λ1, where the outliers are most pronounced."""
+    trained = [c for c in run.checkpoints if c.step > 0] or list(run.checkpoints)
+    return max(trained, key=lambda c: c.lambda_max).step
 
 
 def _summarise(run) -> dict:
@@ -154,6 +155,7 @@ def _summarise(run) -> dict:
     return {
         "run": run.label,
         "steps": f"{first.step}-{last.step}",
+        "lambda1_first": first.lambda_max,
         "lambda1_peak": peak.lambda_max,
         "lambda1_peak_step": peak.step,
         "lambda1_last": last.lambda_max,
