@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import hessspec
-from hessspec import spectrum, store
+from hessspec import spectrum, store, summary
 from hessspec.results import CheckpointResult
 from hessspec.store import ResultWriter, StoreError, load_results
 
@@ -461,7 +461,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 CRASH_SCRIPT = """
     import sys, time
-    from hessspec import store
+    from hessspec import store, summary
     from tests.test_store import CONFIG, make_result
 
     path, n, hang = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "hang"
@@ -654,7 +654,7 @@ def _summary_run(tmp_path) -> store.RunResults:
 
 def test_summary_table(tmp_path):
     run = _summary_run(tmp_path)
-    full, short = store.summary_table(run)
+    full, short = summary.summary_table(run)
     assert list(full) == [
         "step", "loss", "grad_norm", "lambda_1", "lambda_2", "lambda_3", "lambda_4", "lambda_5", "trace",
         "trace_stderr", "r_1", "r_5", "negative_mass", "num_outliers", "elapsed_s",
@@ -671,15 +671,15 @@ def test_summary_table(tmp_path):
 
 def test_export_csv_and_json(tmp_path):
     run = _summary_run(tmp_path)
-    rows = store.summary_table(run)
-    store.export_csv(run, tmp_path / "s.csv")
+    rows = summary.summary_table(run)
+    summary.export_csv(run, tmp_path / "s.csv")
     with open(tmp_path / "s.csv", newline="") as handle:
         read = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in read] == [0, 10]
     assert read[1]["lambda_4"] == ""
     assert float(read[0]["lambda_2"]) == rows[0]["lambda_2"]  # full precision
 
-    store.export_json(run, tmp_path / "s.json")
+    summary.export_json(run, tmp_path / "s.json")
     text = (tmp_path / "s.json").read_text()
 
     def refuse(token):
