@@ -12,34 +12,16 @@ Run:  python benchmarks/resnet_slq.py [--device cuda] [--examples 50000] [--batc
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import time
 
 import torch
+from hvp import _cpu_name, _sync, timed  # shared timing helpers (the script's folder is on sys.path)
 
 from hessspec.lanczos import lanczos
 from hessspec.models import build_model
 from hessspec.operators import HessianOperator
 
 FULL_SET = 50_000
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -51,7 +33,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     print(f"# torch {torch.__version__}, {device} ({name}), {torch.get_num_threads()} threads, float32 model")
     print(f"# {args.examples} synthetic CIFAR-shaped examples in batches of {args.batch_size}")
     print(
