@@ -319,7 +319,7 @@ def test_unexpected_errors_are_one_line_too(runner, monkeypatch, small_file):
     def broken(*args, **kwargs):
         raise TypeError("boom\nsecond line")
 
-    monkeypatch.setattr("hessspec.store.summary_table", broken)
+    monkeypatch.setattr("hessspec.summary.summary_table", broken)
     line = assert_one_error(runner.invoke(cli, ["info", str(small_file)]), "TypeError: boom second line", "--debug")
     assert line.startswith("Error:")
 
