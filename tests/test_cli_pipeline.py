@@ -60,6 +60,20 @@ class Recorder(Observer):
         self.events.append(("finished", item.step, result.step))
 
 
+
+def _recording_sync(seen: list) -> object:
+    """A ``sync`` hook that records which guarded step failed, with the error type, and re-raises."""
+
+    @contextlib.contextmanager
+    def sync(what: str):
+        try:
+            yield
+        except Exception as error:
+            seen.append((what, type(error).__name__))
+            raise
+
+    return sync
+
 def test_run_reports_progress_and_resumes(ckpts, tmp_path):
     out = tmp_path / "r.h5"
     recorder = Recorder()
@@ -147,13 +161,7 @@ def test_memory_is_checked_inside_a_sync_block_before_the_data_passes(ckpts, tmp
     def analyze(*args, **kwargs):
         raise AssertionError("analysed although the memory check failed")
 
-    @contextlib.contextmanager
-    def sync(what: str):
-        try:
-            yield
-        except Exception as error:
-            seen.append((what, type(error).__name__))
-            raise
+    sync = _recording_sync(seen)
 
     monkeypatch.setattr(pipeline, "check_memory", check_memory)
     monkeypatch.setattr(pipeline, "analyze", analyze)
@@ -168,13 +176,7 @@ def test_memory_is_checked_inside_a_sync_block_before_the_data_passes(ckpts, tmp
 def test_sync_sees_rank_local_failures(ckpts, tmp_path):
     seen = []
 
-    @contextlib.contextmanager
-    def sync(what: str):
-        try:
-            yield
-        except Exception as error:
-            seen.append((what, type(error).__name__))
-            raise
+    sync = _recording_sync(seen)
 
     with pytest.raises(CheckpointError):
         run(job(), [tmp_path / "missing.pt"], tmp_path / "o.h5", sync=sync)
