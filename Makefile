@@ -24,6 +24,7 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check hessspec tests benchmarks scripts
+	$(VENV)/bin/ruff format --check hessspec tests benchmarks scripts
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/hvp.py

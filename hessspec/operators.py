@@ -3,7 +3,8 @@
 ``H = sum_b (|b| / N) * H_b`` where ``H_b`` is the Hessian of batch ``b``'s mean loss and ``N`` the number of
 examples, so unequal batches (a smaller last batch) are weighted exactly. Products are computed with
 forward-over-reverse differentiation (``jvp`` of ``grad``, torch.func) and ``vmap`` over the columns of a block,
-so one pass over the data serves all columns; results are accumulated in float64.
+so one pass over the data serves all columns, or by reverse-over-reverse (double backward) where that is faster or
+torch.func cannot transform the model; results are accumulated in float64.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 from hessspec.problem import Batch, check_bn_mode, functional_copy, set_population_statistics
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BLOCK_STRATEGIES = ("auto", "vmap", "loop", "reverse")
 ParamSelector = Sequence[str] | Callable[[str, nn.Parameter], bool] | None
 
 
@@ -51,6 +53,21 @@ def _select(model: nn.Module, params: ParamSelector) -> list[str]:
     return names
 
 
+def check_block_strategy(block_strategy: str) -> None:
+    """Raise ValueError unless ``block_strategy`` is one of :data:`BLOCK_STRATEGIES`."""
+    if block_strategy not in BLOCK_STRATEGIES:
+        msg = f"block_strategy must be one of {', '.join(BLOCK_STRATEGIES)}; got {block_strategy!r}"
+        raise ValueError(msg)
+
+
+def _torch_func_unsupported(error: BaseException) -> bool:
+    text = str(error)
+    return any(
+        marker in text
+        for marker in ("functorch transforms", "forward AD", "forward-mode AD", "does not have a jvp", "Batching rule")
+    )
+
+
 class HessianOperator:
     """Hessian of the mean loss over all examples of a fixed sequence of batches.
 
@@ -68,11 +85,15 @@ class HessianOperator:
         all_reduce: sums a tensor in place across processes (data-parallel analysis), or None. Each process holds
             a disjoint shard of the batches; sums are weighted by the global number of examples.
         vmap_chunk_size: evaluate at most this many columns of a block at once (bounds memory); None for all.
-        block_strategy: how a block's columns are evaluated: "vmap" (one vectorised forward-over-reverse pass,
-            the primal computed once), "loop" (one pass per column), or "auto": "loop" on the CPU for models with
-            convolutions, where vmap turns the batched weight tangents into grouped convolutions that cost more
-            than separate passes (measured in benchmarks/RESULTS.md), "vmap" otherwise. The choice changes only
-            rounding, and it is deterministic, so the same seed still gives bit-identical results.
+        block_strategy: how a block's columns are evaluated: "vmap" (one vectorised forward-over-reverse pass, the
+            primal computed once for all columns), "loop" (one forward-over-reverse pass per column), "reverse"
+            (plain autograd: the batch gradient's graph is built once, then one backward through it per column;
+            works for any twice-differentiable model), or "auto": "reverse" on the CPU for models with
+            convolutions, where vmap turns the batched weight tangents into grouped convolutions and costs up to
+            4.5x a gradient per column with BatchNorm against 3.0x (benchmarks/RESULTS.md), "vmap" otherwise;
+            "auto" also switches to "reverse" when torch.func cannot transform the model (an
+            ``autograd.Function`` without ``setup_context``, an op without a forward-mode derivative). The
+            choice changes only rounding, and it is deterministic, so the same seed gives the same results.
 
     Raises:
         ValueError: bad ``bn_mode``, empty data, unknown or empty parameter selection.
@@ -92,9 +113,7 @@ class HessianOperator:
         block_strategy: str = "auto",
     ) -> None:
         check_bn_mode(bn_mode)
-        if block_strategy not in ("auto", "vmap", "loop"):
-            msg = f"block_strategy must be auto, vmap or loop; got {block_strategy!r}"
-            raise ValueError(msg)
+        check_block_strategy(block_strategy)
         if len(batches) == 0:
             msg = "no data: the sequence of batches is empty"
             raise ValueError(msg)
@@ -109,9 +128,10 @@ class HessianOperator:
         self._all_reduce = all_reduce
         self.vmap_chunk_size = vmap_chunk_size
         self.param_names = _select(model, params)
+        self._auto = block_strategy == "auto"
         if block_strategy == "auto":
             has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-            block_strategy = "loop" if (self.device.type == "cpu" and has_conv) else "vmap"
+            block_strategy = "reverse" if (self.device.type == "cpu" and has_conv) else "vmap"
         self.block_strategy = block_strategy
 
         self._model = functional_copy(model, bn_mode, self.dtype)
@@ -149,7 +169,31 @@ class HessianOperator:
         out = functional_call(self._model, {**self._fixed, **self._unflatten(theta)}, (x,))
         return self.loss_fn(out, y)
 
+    def _batch_gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.block_strategy != "reverse":
+            return grad_and_value(self._batch_loss)(self.theta, x, y)
+        theta = self.theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self._batch_loss(theta, x, y)
+            (g,) = torch.autograd.grad(loss, theta)
+        return g, loss.detach()
+
+    def _batch_hvp_reverse(self, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # Reverse-over-reverse: the batch gradient's graph is built once, then each column costs one backward
+        # through it (retained until the last column).
+        theta = self.theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self._batch_loss(theta, x, y), theta, create_graph=True)
+        if not g.requires_grad:  # the loss is at most linear in the parameters: the Hessian is zero
+            return torch.zeros_like(V)
+        last = V.shape[1] - 1
+        cols = [torch.autograd.grad(g, theta, V[:, i], retain_graph=i < last)[0] for i in range(last + 1)]
+        return torch.stack(cols, dim=1)
+
     def _batch_hvp(self, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.block_strategy == "reverse":
+            return self._batch_hvp_reverse(V, x, y)
+
         def gradient(theta: torch.Tensor) -> torch.Tensor:
             return grad(self._batch_loss)(theta, x, y)
 
@@ -171,12 +215,28 @@ class HessianOperator:
         """Number of parameters spanned by the Hessian."""
         return self.shape[0]
 
+    def _with_fallback(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        # "auto" falls back to plain autograd for models that torch.func cannot transform (an autograd.Function
+        # without setup_context/jvp, an op without a forward-mode derivative). Every process of a data-parallel
+        # run meets the same model on its first batch, so all switch alike.
+        try:
+            return compute()
+        except (RuntimeError, NotImplementedError) as error:
+            if not (self._auto and self.block_strategy != "reverse" and _torch_func_unsupported(error)):
+                raise
+        self.block_strategy = "reverse"
+        return compute()
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         Vc = V.to(self.dtype)
-        out = torch.zeros(V.shape, dtype=torch.float64, device=self.device)
-        for (x, y), w in zip(self.batches, self._weights, strict=True):
-            out.add_(self._batch_hvp(Vc, x, y).to(torch.float64), alpha=w)
-        return self._reduce(out)
+
+        def compute() -> torch.Tensor:
+            out = torch.zeros(V.shape, dtype=torch.float64, device=self.device)
+            for (x, y), w in zip(self.batches, self._weights, strict=True):
+                out.add_(self._batch_hvp(Vc, x, y).to(torch.float64), alpha=w)
+            return out
+
+        return self._reduce(self._with_fallback(compute))
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``H @ V`` for a block ``V`` of shape [n, p]; float64 [n, p] on the operator's device."""
@@ -206,12 +266,16 @@ class HessianOperator:
         Raises:
             FloatingPointError: the loss or gradient is not finite.
         """
-        acc = torch.zeros(self.n + 1, dtype=torch.float64, device=self.device)
-        for (x, y), w in zip(self.batches, self._weights, strict=True):
-            g, loss = grad_and_value(self._batch_loss)(self.theta, x, y)
-            acc[:-1].add_(g.to(torch.float64), alpha=w)
-            acc[-1:].add_(loss.detach().to(torch.float64).reshape(1), alpha=w)
-        acc = self._reduce(acc)
+
+        def compute() -> torch.Tensor:
+            acc = torch.zeros(self.n + 1, dtype=torch.float64, device=self.device)
+            for (x, y), w in zip(self.batches, self._weights, strict=True):
+                g, loss = self._batch_gradient(x, y)
+                acc[:-1].add_(g.to(torch.float64), alpha=w)
+                acc[-1:].add_(loss.detach().to(torch.float64).reshape(1), alpha=w)
+            return acc
+
+        acc = self._reduce(self._with_fallback(compute))
         if not torch.isfinite(acc).all():
             msg = "the loss or its gradient is not finite (NaN/Inf) on the analysed data"
             raise FloatingPointError(msg)

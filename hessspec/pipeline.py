@@ -36,7 +36,7 @@ from hessspec.checkpoints import (
     resolve_step,
     step_from_filename,
 )
-from hessspec.operators import HessianOperator
+from hessspec.operators import HessianOperator, check_block_strategy
 from hessspec.problem import Batch, batch_norm_layers, check_bn_mode
 from hessspec.results import CheckpointResult
 
@@ -71,6 +71,8 @@ class AnalysisJob:
         device: "auto" (CUDA if available, else the CPU), "cpu", "cuda", "cuda:I" or "mps".
         params: a regular expression; only parameters whose names it matches (``re.search``) span the Hessian.
             None for all parameters that require gradients.
+        block_strategy: how the operator evaluates a block of probes ("auto", "vmap", "loop" or "reverse"; see
+            :class:`~hessspec.operators.HessianOperator`). It changes rounding only, so resuming ignores it.
         settings: the SLQ settings (seed, Lanczos steps, probes, ...); ``settings.seed`` also draws the
             ``samples`` subset.
         label: the run's name in the result file; None keeps the file's label (a new file gets its own stem).
@@ -86,6 +88,7 @@ class AnalysisJob:
     dtype: str = "float32"
     device: str = "auto"
     params: str | None = None
+    block_strategy: str = "auto"
     settings: AnalysisSettings = field(default_factory=AnalysisSettings)
     label: str | None = None
 
@@ -148,6 +151,7 @@ class AnalysisJob:
             "gradient_crosscheck": s.gradient_crosscheck,
             "device": device or self.device,
             "basis_device": s.basis_device,
+            "block_strategy": self.block_strategy,
         }
         if data_root is not None:
             config["data_root"] = data_root
@@ -324,6 +328,7 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
         job's device and the device-resident batches.
 
     Raises:
+        ValueError: unknown ``bn_mode`` or ``block_strategy``.
         PipelineError: unknown device or dtype, data the model cannot process, a batch of one example in BN train
             mode, a ``params`` pattern that selects nothing.
         hessspec.models.ModelError, hessspec.models.FactoryError: the model cannot be built.
@@ -333,6 +338,7 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
     from hessspec.models import build_model
 
     check_bn_mode(job.bn_mode)
+    check_block_strategy(job.block_strategy)
     dtype = parse_dtype(job.dtype)
     device = resolve_device(job.device)
     selector = parameter_filter(job.params)
@@ -490,6 +496,7 @@ def analyze_loaded(
         params=prepared.selector,
         dtype=prepared.dtype,
         all_reduce=all_reduce,
+        block_strategy=prepared.job.block_strategy,
     )
     return analyze(
         operator,

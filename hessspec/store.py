@@ -64,6 +64,7 @@ NON_NUMERIC_CONFIG_KEYS = (
     "sources",
     "data_root",
     "basis_device",
+    "block_strategy",
     "num_workers",
     "shard",
     "shard_index",

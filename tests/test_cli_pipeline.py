@@ -60,7 +60,6 @@ class Recorder(Observer):
         self.events.append(("finished", item.step, result.step))
 
 
-
 def _recording_sync(seen: list) -> object:
     """A ``sync`` hook that records which guarded step failed, with the error type, and re-raises."""
 
@@ -73,6 +72,7 @@ def _recording_sync(seen: list) -> object:
             raise
 
     return sync
+
 
 def test_run_reports_progress_and_resumes(ckpts, tmp_path):
     out = tmp_path / "r.h5"

@@ -35,15 +35,16 @@ def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
+@pytest.mark.parametrize("strategy", ["vmap", "loop", "reverse"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize(("bn", "bn_mode"), [(False, "train"), (True, "train"), (True, "eval")])
-def test_dense_hessian_matches_double_backward(kind, bn, bn_mode):
+def test_dense_hessian_matches_double_backward(kind, bn, bn_mode, strategy):
     x, y = _data(kind)
     model = _model(kind, bn)
     if bn:
         ref.warm_running_stats(model, x)
     batches = ref.make_batches(x, y, BATCH)
-    op = HessianOperator(model, batches, bn_mode=bn_mode)
+    op = HessianOperator(model, batches, bn_mode=bn_mode, block_strategy=strategy)
     f, theta = ref.module_loss(model, batches, "train" if bn_mode == "train" else "eval")
     H_ref = ref.dense_hessian(f, theta)
     H = op.to_dense()
@@ -139,10 +140,11 @@ def test_model_buffers_and_rng_are_untouched():
     before = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state()
     for mode in ("train", "eval", "population"):
-        op = HessianOperator(model, ref.make_batches(x, y, BATCH), bn_mode=mode)
-        op.loss_and_gradient()
-        op.matvec(torch.ones(op.n, dtype=torch.float64))
-        op.check_determinism()
+        for strategy in ("vmap", "reverse"):
+            op = HessianOperator(model, ref.make_batches(x, y, BATCH), bn_mode=mode, block_strategy=strategy)
+            op.loss_and_gradient()
+            op.matmat(torch.ones(op.n, 2, dtype=torch.float64))
+            op.check_determinism()
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -216,17 +218,57 @@ def test_to_scipy_agrees():
     assert abs(lin @ v - H @ v).max() <= 1e-12 * abs(H @ v).max()
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "loop"])
-def test_block_strategies_agree(strategy):
-    x, y = _data("cnn")
+def test_block_strategy_choice():
     model = _model("cnn", True)
-    batches = ref.make_batches(x, y, BATCH)
-    f, theta = ref.module_loss(model, batches, "train")
-    H_ref = ref.dense_hessian(f, theta)
-    op = HessianOperator(model, batches, block_strategy=strategy)
-    V = torch.randn(op.n, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    assert _relerr(op.matmat(V), H_ref @ V) <= RTOL64
-    assert HessianOperator(model, batches).block_strategy == "loop"  # CPU + convolutions
+    batches = ref.make_batches(*_data("cnn"), BATCH)
+    assert HessianOperator(model, batches).block_strategy == "reverse"  # CPU + convolutions
     assert HessianOperator(_model("mlp", True), ref.make_batches(*_data("mlp"), BATCH)).block_strategy == "vmap"
     with pytest.raises(ValueError, match="block_strategy"):
         HessianOperator(model, batches, block_strategy="fast")
+
+
+class _Square(torch.autograd.Function):
+    """x ** 2 as an old-style autograd.Function: no setup_context and no jvp, so torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad_output
+
+
+class _SquareNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(6, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(_Square.apply(self.hidden(x))))
+
+
+def test_auto_falls_back_to_autograd_for_models_torch_func_cannot_transform():
+    x, y = _data("mlp")
+    torch.manual_seed(0)
+    model = _SquareNet().double()
+    batches = ref.make_batches(x, y, BATCH)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        HessianOperator(model, batches, block_strategy="vmap").loss_and_gradient()
+    op = HessianOperator(model, batches)
+    assert op.block_strategy == "vmap"
+    loss, gradient = op.loss_and_gradient()
+    assert op.block_strategy == "reverse"
+    f, theta = ref.module_loss(model, batches, "train")
+    assert abs(loss - float(f(theta))) <= 1e-14 * abs(loss)
+    leaf = theta.clone().requires_grad_(True)
+    (gradient_ref,) = torch.autograd.grad(f(leaf), leaf)
+    assert _relerr(gradient, gradient_ref) <= RTOL64
+    # The Hessian itself, from a fresh operator whose first call is a product.
+    op = HessianOperator(model, batches)
+    H_ref = ref.dense_hessian(f, theta)
+    assert _relerr(op.to_dense(), H_ref) <= RTOL64
+    assert op.block_strategy == "reverse"

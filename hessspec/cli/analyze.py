@@ -215,6 +215,12 @@ class _Reporter:
     "--basis-device", type=click.Choice(["same", "cpu"]), default="same",
     help="Keep the Lanczos vectors on the compute device, or in host memory.",
 )  # fmt: skip
+@click.option(
+    "--hvp-strategy", "block_strategy", type=click.Choice(["auto", "vmap", "loop", "reverse"]), default="auto",
+    help="How one data pass serves all probes: vmap (torch.func, primal once), loop (a pass per probe), reverse "
+    "(plain autograd, double backward); auto picks one and falls back to reverse for models torch.func cannot "
+    "transform. Changes rounding only.",
+)  # fmt: skip
 @click.option("--no-crosscheck", is_flag=True, help="Skip the Lanczos chain started from the gradient.")
 @click.option(
     "--step", type=click.IntRange(min=0), default=None,
@@ -253,6 +259,7 @@ def analyze(
     params: str | None,
     basis_dtype: str,
     basis_device: str,
+    block_strategy: str,
     no_crosscheck: bool,
     step: int | None,
     unsafe_load: bool,
@@ -288,6 +295,7 @@ def analyze(
         dtype=dtype,
         device=device,
         params=params,
+        block_strategy=block_strategy,
         settings=AnalysisSettings(
             lanczos_steps=lanczos_steps,
             probes=probes,
@@ -315,6 +323,7 @@ def analyze(
     if ctx is not None:
         job = dataclasses.replace(job, device=str(ctx.device))
         hooks = distributed.pipeline_hooks(ctx)
+    _tune_allocator_for_cpu(job.device)
     reporter = _Reporter(out, quiet or (ctx is not None and not ctx.is_main), 1 if ctx is None else ctx.world_size)
     report = None
     with warnings.catch_warnings():
@@ -342,6 +351,18 @@ def analyze(
         finally:
             reporter.close(report)
             distributed.shutdown(ctx)
+
+
+def _tune_allocator_for_cpu(device: str) -> None:
+    # Keep freed memory for reuse (hessspec.runtime): large allocations otherwise page-fault on every batch.
+    from hessspec.pipeline import PipelineError, resolve_device
+    from hessspec.runtime import tune_cpu_allocator
+
+    try:
+        if resolve_device(device).type == "cpu":
+            tune_cpu_allocator()
+    except PipelineError:
+        pass  # reported by the pipeline, with its context
 
 
 def _known_to_all_ranks(error: BaseException) -> bool:
