@@ -5,15 +5,15 @@ examples in batches of 256). For each model, in one run:
 
   gradient   one full-data gradient through HessianOperator.loss_and_gradient (the unit)
   (a)        one full-data HVP by double backward (autograd.grad of g.v), the classical approach
-  (b)        hessspec's operator, one vector
-  (c)        hessspec's operator, a block of 10 vectors (reported per vector), with its default block strategy
-             ("auto": a loop over columns on the CPU for convolutional models, vmap otherwise)
-  (c')       the same block with vmap forced
+  (b)        hessspec's operator, one vector: forward-over-reverse (jvp of grad) and reverse-over-reverse
+  (c)        hessspec's operator, a block of 10 vectors (reported per vector), with each block strategy: vmap
+             (one vectorised forward-over-reverse pass), loop (one pass per column) and reverse (the gradient's
+             graph built once per batch, one backward through it per column)
   (d)        one whole SLQ run (m = 30 steps, 3 probes, + gradient chain) end to end, over the time of its HVPs,
              on --slq-examples examples (the non-HVP work does not grow with the data, so a smaller set gives an
              upper bound on the overhead of the full set)
 
-Run:  python benchmarks/hvp.py [--examples 2048] [--device cpu|cuda] [--repeats 3]
+Run:  python benchmarks/hvp.py [--examples 2048] [--device cpu|cuda] [--repeats 3] [--allocator tuned|default]
 Timings are the median of --repeats runs after one warm-up. Record results in benchmarks/RESULTS.md.
 """
 
@@ -31,6 +31,9 @@ from torch import nn
 
 from hessspec.analysis import AnalysisSettings, analyze
 from hessspec.operators import HessianOperator
+from hessspec.runtime import tune_cpu_allocator
+
+STRATEGIES = ("vmap", "loop", "reverse")
 
 
 def cifar_cnn(batch_norm: bool) -> nn.Module:
@@ -108,10 +111,12 @@ def bench(
 
     t_grad = timed(op.loss_and_gradient, device, repeats)
     t_db = timed(lambda: double_backward_hvp(db_model, batches, v1[:, 0]), device, repeats)
-    t_one = timed(lambda: op.matmat(v1), device, repeats)
-    t_block = timed(lambda: op.matmat(v10), device, repeats) / 10
-    op_vmap = HessianOperator(model, batches, block_strategy="vmap")
-    t_vmap = timed(lambda: op_vmap.matmat(v10), device, repeats) / 10
+    one, block = {}, {}
+    for strategy in STRATEGIES:
+        s_op = HessianOperator(model, batches, block_strategy=strategy)
+        if strategy != "loop":  # for one vector, loop and vmap are the same forward-over-reverse pass
+            one[strategy] = timed(lambda s_op=s_op: s_op.matmat(v1), device, repeats) / t_grad
+        block[strategy] = timed(lambda s_op=s_op: s_op.matmat(v10), device, repeats) / 10 / t_grad
 
     settings = AnalysisSettings(lanczos_steps=30, probes=3, top_k=5, determinism_check=False)
     slq_op = HessianOperator(model, batches[: max(1, slq_examples // batch_size)])
@@ -125,9 +130,8 @@ def bench(
         "params": n,
         "grad_s": t_grad,
         "a_double_backward": t_db / t_grad,
-        "b_one_vector": t_one / t_grad,
-        "c_block10_per_vector": t_block / t_grad,
-        "c_vmap_per_vector": t_vmap / t_grad,
+        "b_one_vector": one,
+        "c_block10_per_vector": block,
         "strategy": op.block_strategy,
         "d_slq_overhead": t_slq / t_slq_hvp - 1.0,
         "slq_s": t_slq,
@@ -142,25 +146,37 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--slq-examples", type=int, default=512)
+    parser.add_argument(
+        "--allocator",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="tuned: hessspec.runtime.tune_cpu_allocator() first, as the command line does on the CPU",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
+    tuned = args.allocator == "tuned" and tune_cpu_allocator()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    print(f"# torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} threads")
+    print(
+        f"# torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} threads, "
+        f"allocator {'tuned' if tuned else 'default'}"
+    )
     print(
         f"# {args.examples} synthetic CIFAR-shaped examples, batches of {args.batch_size}, float32 model; "
         f"(d) on the first {args.slq_examples}; median of {args.repeats} run(s) after a warm-up"
     )
     print(
-        "| model | params | gradient (s) | (a) double backward | (b) 1 vector | (c) 10 vectors, per vector "
-        "| (c') 10 vectors, vmap, per vector | (d) SLQ overhead |"
+        "| model | params | gradient (s) | (a) double backward | (b) 1 vector: fwd-over-rev / rev-over-rev "
+        "| (c) 10 vectors, per vector: vmap / loop / reverse | default (auto) | (d) SLQ overhead |"
     )
     print("|" + "---|" * 8)
     for bn in (False, True):
         r = bench(bn, args.examples, args.batch_size, device, args.repeats, args.slq_examples)
+        one, block = r["b_one_vector"], r["c_block10_per_vector"]
         print(
             f"| {r['model']} | {r['params']:,} | {r['grad_s']:.3f} | {r['a_double_backward']:.2f}x | "
-            f"{r['b_one_vector']:.2f}x | {r['c_block10_per_vector']:.2f}x ({r['strategy']}) | "
-            f"{r['c_vmap_per_vector']:.2f}x | {100 * r['d_slq_overhead']:.1f}% |",
+            f"{one['vmap']:.2f}x / {one['reverse']:.2f}x | "
+            + " / ".join(f"{block[s]:.2f}x" for s in STRATEGIES)
+            + f" | {r['strategy']} | {100 * r['d_slq_overhead']:.1f}% |",
             flush=True,
         )
 

@@ -1,7 +1,7 @@
 """The HDF5 result file, format version 1: write, read, resume, merge (summaries: :mod:`hessspec.summary`).
 
-This is the only module that imports h5py. The layout is documented for users in ``docs/FORMAT.md``; the names
-there are a contract. In short::
+This module and its file-access layer :mod:`hessspec._h5files` are the only ones that import h5py. The layout is
+documented for users in ``docs/FORMAT.md``; the names there are a contract. In short::
 
     /                     attrs format="hessspec", format_version=1, generated_by, created, label, config (JSON)
     /checkpoints/<key>/   one group per checkpoint (attrs: step, source, sha256, ..., complete=True)
@@ -18,21 +18,16 @@ skip temporary and incomplete groups, as the format requires. A killed writer th
 intact (plus a stale ``.partial`` copy, which the next writer removes). Readers, even ones holding the file open,
 never see a file being written. The copy costs O(file size) per checkpoint: milliseconds for files of hundreds of
 checkpoints, against minutes of Hessian products per checkpoint. One writer at a time is enforced by an OS lock on
-``<path>.lock``.
+``<path>.lock``. The file mechanics are in :mod:`hessspec._h5files`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import math
 import os
-import shutil
-import socket
-import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -41,12 +36,15 @@ from typing import Any
 import h5py
 import numpy as np
 
+from hessspec._h5files import (
+    PARTIAL_SUFFIX,
+    StoreError,
+    WriterLock,
+    h5_open,
+    refuse_if_being_written,
+    rewrite,
+)
 from hessspec.results import CheckpointResult
-
-try:  # POSIX only; elsewhere writers run without the OS lock.
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
 
 FORMAT_NAME = "hessspec"
 FORMAT_VERSION = 1
@@ -80,8 +78,6 @@ NON_NUMERIC_CONFIG_KEYS = (
 )
 
 TMP_PREFIX = ".tmp_"
-LOCK_SUFFIX = ".lock"
-PARTIAL_SUFFIX = ".partial"
 # How long a reader waits while another program has the file open for writing through HDF5 (hessspec's writer
 # never does: it writes a copy).
 READ_WAIT_S = 10.0
@@ -125,27 +121,8 @@ _OPTIONAL_DATASETS: dict[str, tuple[str, type, int]] = {
 _INCIDENTAL_FIELDS = frozenset({"source", "device", "elapsed_s", "timings", "settings"})
 
 
-def _locking_kwargs() -> dict[str, Any]:
-    # "best-effort": use HDF5's own file lock, but do not fail on filesystems without lock support (NFS, Lustre).
-    version = h5py.version.hdf5_version_tuple
-    if version >= (1, 12, 1) or (1, 10, 7) <= version < (1, 11):
-        return {"locking": "best-effort"}
-    return {}  # pragma: no cover
-
-
-_LOCKING = _locking_kwargs()
-
-
-class StoreError(ValueError):
-    """A result file cannot be read or written as asked; the message is one line naming the file."""
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _json_default(obj: object) -> Any:
@@ -206,83 +183,6 @@ def _short(sha256: str) -> str:
 
 def _as_str(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _translate_open_error(path: str, exc: OSError) -> StoreError:
-    text = str(exc)
-    if isinstance(exc, FileNotFoundError):
-        return StoreError(f"{path}: no such file")
-    if isinstance(exc, IsADirectoryError) or os.path.isdir(path):
-        return StoreError(f"{path} is a directory, not a result file")
-    if isinstance(exc, BlockingIOError):
-        return StoreError(f"{path} is held open by another process (HDF5 file lock); try again when it is closed")
-    if "signature not found" in text:
-        return StoreError(f"{path} is not an HDF5 file (expected a hessspec result file)")
-    if "truncated file" in text:
-        return StoreError(f"{path} is a truncated HDF5 file (interrupted copy or full disk?): {_one_line(text)}")
-    return StoreError(f"cannot open {path} as HDF5: {_one_line(text)}")
-
-
-def _h5_open(path: str, mode: str, wait_s: float) -> h5py.File:
-    """``h5py.File`` that waits while another process holds HDF5's own lock on the file."""
-    deadline = time.monotonic() + wait_s
-    delay = 0.01
-    while True:
-        try:
-            return h5py.File(path, mode, **_LOCKING)
-        except BlockingIOError as exc:
-            if time.monotonic() >= deadline:
-                raise _translate_open_error(path, exc) from None
-            time.sleep(delay)
-            delay = min(2 * delay, 0.5)
-        except OSError as exc:
-            raise _translate_open_error(path, exc) from None
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not os.path.isdir(path):  # some filesystems cannot fsync a directory; a file must be synced
-            raise
-    finally:
-        os.close(fd)
-
-
-def _partial_name(path: str) -> str:
-    directory, name = os.path.split(path)
-    return os.path.join(directory, f".{name}.{os.getpid()}{PARTIAL_SUFFIX}")
-
-
-@contextlib.contextmanager
-def _rewrite(path: str) -> Iterator[h5py.File]:
-    """Yield a writable copy of ``path`` (a new file if missing) that replaces it atomically when the block ends.
-
-    If the block raises or the process dies, ``path`` is left as it was.
-    """
-    partial = _partial_name(path)
-    try:
-        if os.path.exists(path):
-            shutil.copyfile(path, partial)
-            shutil.copymode(path, partial)
-            mode = "r+"
-        else:
-            mode = "w"
-        with h5py.File(partial, mode, **_LOCKING) as f:
-            yield f
-        _fsync(partial)
-        os.replace(partial, path)
-        _fsync(os.path.dirname(path) or ".")
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
-        msg = f"cannot write {path}: {_one_line(exc)}"
-        raise StoreError(msg) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
-        raise
 
 
 def _check_root(root: h5py.Group, path: str) -> int:
@@ -456,95 +356,6 @@ def _differing_numbers(a: CheckpointResult, b: CheckpointResult) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The single-writer lock
-
-
-class _WriterLock:
-    """An exclusive, non-blocking ``flock`` on ``<path>.lock``, held for a writer's lifetime.
-
-    The lock file holds the holder's host and pid for error messages and is removed on release. Because a releasing
-    holder unlinks it, a newcomer checks after locking that the path still names the file it locked, else retries.
-    """
-
-    def __init__(self, target: str) -> None:
-        self.path = target + LOCK_SUFFIX
-        self._fd: int | None = None
-        if fcntl is None:  # pragma: no cover
-            return
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_holder(fd)
-                os.close(fd)
-                msg = (
-                    f"another process{holder} is writing {target} (it holds {self.path}); "
-                    "wait for it to finish, or write to another file and merge"
-                )
-                raise StoreError(msg) from None
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                warnings.warn(
-                    f"cannot lock {self.path} ({exc.strerror}; the filesystem does not support flock): make sure no "
-                    "other process writes this file at the same time",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                return
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._fd = fd
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-                return
-            os.close(fd)
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        # Unlink while still holding the lock, so nobody can lock the file that is about to disappear.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        os.close(self._fd)
-        self._fd = None
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        text = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
-    except OSError:
-        return ""
-    return f" (pid {text[1]} on {text[0]})" if len(text) == 2 else ""
-
-
-def _refuse_if_being_written(path: str) -> None:
-    """Raise if a writer currently holds ``<path>.lock`` (a shard that is still running)."""
-    lock_path = path + LOCK_SUFFIX
-    if fcntl is None or not os.path.exists(lock_path):
-        return
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _read_holder(fd)
-        msg = f"{path} is still being written by another process{holder}; merge it when that run has finished"
-        raise StoreError(msg) from None
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Writing
 
 
@@ -596,7 +407,7 @@ class ResultWriter:
         self._index: dict[str, _Entry] = {}
         self._closed = True
         _check_writable(self.path)
-        self._lock = _WriterLock(self.path)
+        self._lock = WriterLock(self.path)
         try:
             if os.path.exists(self.path):
                 self._open_existing(label)
@@ -610,7 +421,7 @@ class ResultWriter:
     def _create(self, label: str | None) -> None:
         from hessspec import __version__  # here, not at the top: hessspec/__init__ may import this module
 
-        with _rewrite(self.path) as f:
+        with rewrite(self.path) as f:
             f.attrs["format"] = FORMAT_NAME
             f.attrs["format_version"] = np.int64(FORMAT_VERSION)
             f.attrs["generated_by"] = f"hessspec {__version__}"
@@ -633,7 +444,7 @@ class ResultWriter:
         if not os.access(self.path, os.R_OK | os.W_OK):
             msg = f"{self.path} exists but is not readable and writable by this user"
             raise StoreError(msg)
-        with _h5_open(self.path, "r", READ_WAIT_S) as f:
+        with h5_open(self.path, "r", READ_WAIT_S) as f:
             _check_root(f, self.path)
             stored = _json_attr(f.attrs, "config", self.path, {})
             stored_label = _as_str(f.attrs.get("label", ""))
@@ -647,14 +458,14 @@ class ResultWriter:
         self._remove_stale_partials()
         file_config = self.config if diffs else stored  # the root config once this writer has opened the file
         relabel = label is not None and str(label) != stored_label
-        with _h5_open(self.path, "r", READ_WAIT_S) as f:
+        with h5_open(self.path, "r", READ_WAIT_S) as f:
             leftovers = _unfinished_groups(f)
             for key, group in _checkpoint_groups(f):
                 made_with = _json_attr(group.attrs, "config", f"{self.path}:{key}", None)
                 current = made_with is None or not config_differences(file_config, made_with)
                 self._index[key] = _Entry(int(group.attrs["step"]), _as_str(group.attrs["sha256"]), current)
         if diffs or relabel or leftovers:
-            with _rewrite(self.path) as f:
+            with rewrite(self.path) as f:
                 if diffs:
                     f.attrs["config"] = _to_json(self.config)
                 if relabel:
@@ -724,7 +535,7 @@ class ResultWriter:
             raise StoreError(msg)
         key = key or self._new_key(step, sha256)
         tmp_name = TMP_PREFIX + key
-        with _rewrite(self.path) as f:
+        with rewrite(self.path) as f:
             checkpoints = f.require_group("checkpoints")
             for leftover in _unfinished_groups(f):
                 del checkpoints[leftover]
@@ -737,7 +548,7 @@ class ResultWriter:
     def _current_results(self) -> dict[tuple[int, str], CheckpointResult]:
         """The current (non-stale) entries of the file, by ``(step, sha256)``."""
         out = {}
-        with _h5_open(self.path, "r", READ_WAIT_S) as f:
+        with h5_open(self.path, "r", READ_WAIT_S) as f:
             for key, group in _checkpoint_groups(f):
                 if key in self._index and self._index[key].current:
                     result = _read_group(group, f"{self.path}:{key}")
@@ -819,7 +630,7 @@ def _open_for_read(source: str | os.PathLike[str] | h5py.Group) -> Iterator[tupl
         yield source, source.file.filename
         return
     path = os.fspath(source)
-    with _h5_open(path, "r", READ_WAIT_S) as f:
+    with h5_open(path, "r", READ_WAIT_S) as f:
         yield f, path
 
 
@@ -910,7 +721,7 @@ def merge(
             raise StoreError(msg)
     runs = []
     for path in paths:
-        _refuse_if_being_written(path)
+        refuse_if_being_written(path)
         run = load_results(path)
         if run.stale_steps:
             msg = f"{path} holds entries computed under an older config (steps {list(run.stale_steps)}); recompute them"

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import hessspec
-from hessspec import spectrum, store, summary
+from hessspec import _h5files, spectrum, store, summary
 from hessspec.results import CheckpointResult
 from hessspec.store import ResultWriter, StoreError, load_results
 
@@ -568,7 +568,7 @@ def test_filesystems_without_flock_warn_and_go_on(tmp_path, monkeypatch):
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(store.fcntl, "flock", no_locks)
+    monkeypatch.setattr(_h5files.fcntl, "flock", no_locks)
     with pytest.warns(RuntimeWarning, match="does not support flock"):
         writer = ResultWriter(tmp_path / "run.h5", label="x", config=CONFIG)
     with writer:
