@@ -2,8 +2,8 @@
 
 A full-data HVP allocates and frees the same few large activation tensors (tens of MB each) for every batch and
 every column. glibc's allocator serves blocks that large with ``mmap`` and gives them back with ``munmap`` on free,
-so every allocation page-faults its memory in again: on the CPU benchmark model this kernel time doubled the time
-of a gradient and made an HVP up to 3x slower (``benchmarks/RESULTS.md``). :func:`tune_cpu_allocator` tells glibc to
+so every allocation page-faults its memory in again: on the CPU benchmark model this kernel time made a gradient
+1.7x and an HVP 1.7-2.6x slower (``benchmarks/allocator.py``, ``benchmarks/RESULTS.md``). :func:`tune_cpu_allocator` tells glibc to
 serve large blocks from its heap and to keep freed memory for reuse, which removes that cost. The price is that the
 process keeps its peak memory until it exits, which is what an analysis process needs anyway.
 
