@@ -300,7 +300,8 @@ def plot_density(
             ax.plot(d.grid, d.values, color=color, linewidth=1.2, label=f"step {c.step}")
             if len(found):
                 ax.vlines(found, 0.92, 1.0, transform=ax.get_xaxis_transform(), colors=[color], linewidth=1.2)
-            ax.set_title(f"step {c.step}" + (f"  ({len(found)} outliers)" if len(found) else ""))
+            count = f"  ({len(found)} outlier{'s' if len(found) > 1 else ''})" if len(found) else ""
+            ax.set_title(f"step {c.step}{count}")
             if i + ncols >= n:  # the lowest panel of its column
                 ax.xaxis.set_tick_params(labelbottom=True)
                 ax.set_xlabel("eigenvalue λ")

@@ -198,23 +198,43 @@ def negative_mass(nodes: np.ndarray, weights: np.ndarray, threshold: float = 0.0
 
 
 def bulk_edge(
-    nodes: np.ndarray, weights: np.ndarray, n: int, sigma2: float = DEFAULT_SIGMA2, level: float = 0.01
+    nodes: np.ndarray,
+    weights: np.ndarray,
+    n: int,
+    sigma2: float = DEFAULT_SIGMA2,
+    level: float = 0.01,
+    resolution: float = 0.25,
 ) -> float:
     """Upper edge of the bulk of the spectrum, where the smoothed density first falls into a gap.
 
-    The bulk is the connected region around the density's maximum where the smoothed density (the paper's
-    kernel) stays above ``level`` times the peak height of a single isolated eigenvalue,
-    ``1 / (n * sqrt(2 pi s^2))``. Outliers are separated from it by a valley far below that height, which is what
-    the eye sees on the log-scale density plot. On a Marchenko-Pastur bulk with edge 2.25 (n = 1000) this gives
-    2.27 with 10 probes.
+    The bulk is the connected region around the density's maximum where the smoothed density stays above
+    ``level`` times the peak height of a single isolated eigenvalue, ``1 / (n * sqrt(2 pi s^2))``. Outliers are
+    separated from it by a valley far below that height, which is what the eye sees on the log-scale density plot.
+
+    The kernel is the paper's or, when wider, one of standard deviation ``resolution * (lambda_max -
+    lambda_min) / m``: a quarter of the mean spacing of one probe's ``m`` Ritz values. ``m`` nodes cannot resolve
+    the spectrum more finely than that, and with the paper's narrow kernel alone the density between the Ritz values
+    of a continuous tail is a comb whose dips read as gaps (on the digits MLPs of the demo that counted 13-20 of the
+    20 top eigenvalues as outliers, with or without BN). Measured with this kernel: on a Marchenko-Pastur bulk
+    (n = 1000, 90 steps, 10 probes) the edge lies 2.9 kernel widths above the largest bulk eigenvalue (one
+    eigenvalue's Gaussian falls to 1% at 3.03 widths), with all three outliers above it; on the demo MLP without BN,
+    trained on 10 classes, it separates 9 outliers at every checkpoint from step 10 to 3,000, the c - 1 outliers of
+    a c-class problem that Papyan (2019) describes.
 
     Args:
         nodes, weights: quadrature [p, m].
         n: dimension of the matrix (number of parameters).
-        sigma2: relative kernel variance (as in :func:`density`).
+        sigma2: relative kernel variance of the paper's kernel (as in :func:`density`).
         level: fraction of a single eigenvalue's peak height that counts as "inside the bulk".
+        resolution: the kernel's minimum standard deviation, in units of the mean Ritz-value spacing.
+
+    Returns:
+        The edge (the largest grid point of the bulk region).
     """
-    d = density(nodes, weights, sigma2=sigma2, num_points=20_000)
+    nodes, weights = _check_quadrature(nodes, weights)
+    span = float(nodes.max() - nodes.min())
+    s2 = max(kernel_variance(nodes, sigma2), (resolution * span / nodes.shape[1]) ** 2)
+    d = density(nodes, weights, sigma2=s2 / max(1.0, span), num_points=20_000)
     single = 1.0 / (n * np.sqrt(2.0 * np.pi * d.sigma2))
     inside = d.values >= level * single
     j = int(np.argmax(d.values))
@@ -223,8 +243,13 @@ def bulk_edge(
 
 
 def count_outliers(
-    top_eigenvalues: np.ndarray, nodes: np.ndarray, weights: np.ndarray, n: int, sigma2: float = DEFAULT_SIGMA2
+    top_eigenvalues: np.ndarray,
+    nodes: np.ndarray,
+    weights: np.ndarray,
+    n: int,
+    sigma2: float = DEFAULT_SIGMA2,
+    resolution: float = 0.25,
 ) -> int:
-    """Number of top eigenvalues above the bulk edge (see :func:`bulk_edge`)."""
-    edge = bulk_edge(nodes, weights, n, sigma2)
+    """Number of top eigenvalues above the bulk edge (see :func:`bulk_edge` for ``sigma2`` and ``resolution``)."""
+    edge = bulk_edge(nodes, weights, n, sigma2, resolution=resolution)
     return int(np.sum(np.asarray(top_eigenvalues) > edge))
