@@ -233,5 +233,10 @@ def analyze(
         gradient_nodes=quad.nodes[-1] if use_grad_chain else None,
         gradient_weights=quad.weights[-1] if use_grad_chain else None,
         timings=timings,
-        settings=settings.to_dict(),
+        settings=_recorded_settings(settings, operator),
     )
+
+
+def _recorded_settings(settings: AnalysisSettings, operator: HessianOperator) -> dict:
+    # The settings, plus how the products were evaluated (resolved: e.g. "reverse" where "auto" was asked for).
+    return {**settings.to_dict(), "block_strategy": operator.block_strategy}
