@@ -3,9 +3,9 @@
 A full-data HVP allocates and frees the same few large activation tensors (tens of MB each) for every batch and
 every column. glibc's allocator serves blocks that large with ``mmap`` and gives them back with ``munmap`` on free,
 so every allocation page-faults its memory in again: on the CPU benchmark model this kernel time made a gradient
-1.7x and an HVP 1.7-2.6x slower (``benchmarks/allocator.py``, ``benchmarks/RESULTS.md``). :func:`tune_cpu_allocator` tells glibc to
-serve large blocks from its heap and to keep freed memory for reuse, which removes that cost. The price is that the
-process keeps its peak memory until it exits, which is what an analysis process needs anyway.
+1.7x and an HVP 1.7-2.6x slower (``benchmarks/allocator.py``, ``benchmarks/RESULTS.md``). :func:`tune_cpu_allocator`
+tells glibc to serve large blocks from its heap and to keep freed memory for reuse, which removes that cost. The
+price is that the process keeps its peak memory until it exits, which is what an analysis process needs anyway.
 
 The command line applies it when it analyses on the CPU; library users call it once at start-up. It changes the
 whole process, so the library never calls it by itself. ``HESSSPEC_TUNE_ALLOCATOR=0`` in the environment turns it
