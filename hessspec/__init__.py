@@ -44,7 +44,7 @@ _EXPORTS = {
     "build_model": "hessspec.models",
     "load_dataset": "hessspec.datasets",
     "materialize": "hessspec.datasets",
-    "AnalysisJob": "hessspec.pipeline",
+    "AnalysisJob": "hessspec.job",
     "run": "hessspec.pipeline",
 }
 

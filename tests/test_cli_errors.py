@@ -345,7 +345,7 @@ def test_help_shows_defaults(runner):
 def test_help_defaults_match_the_library():
     from hessspec.analysis import AnalysisSettings
     from hessspec.cli.analyze import _DEFAULTS
-    from hessspec.pipeline import DEFAULT_BATCH_SIZE
+    from hessspec.job import DEFAULT_BATCH_SIZE
 
     settings = AnalysisSettings()
     assert _DEFAULTS == {

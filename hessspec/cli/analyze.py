@@ -13,7 +13,7 @@ import click
 from hessspec.cli._common import CONTEXT_SETTINGS, can_encode, debug_option, describe_error, fmt_number, is_debug
 from hessspec.cli._progress import ProgressLine, format_duration
 
-_DEFAULTS = {  # hessspec.analysis.AnalysisSettings and hessspec.pipeline; kept here so --help needs no torch
+_DEFAULTS = {  # hessspec.analysis.AnalysisSettings and hessspec.job; kept here so --help needs no torch
     "batch_size": 128,
     "lanczos_steps": 90,
     "probes": 10,
@@ -355,7 +355,7 @@ def analyze(
 
 def _tune_allocator_for_cpu(device: str) -> None:
     # Keep freed memory for reuse (hessspec.runtime): large allocations otherwise page-fault on every batch.
-    from hessspec.pipeline import PipelineError, resolve_device
+    from hessspec.job import PipelineError, resolve_device
     from hessspec.runtime import tune_cpu_allocator
 
     try:

@@ -1,0 +1,207 @@
+"""What to analyse, as a user names it: :class:`AnalysisJob`, and the parsing of its device, dtype and parameter
+pattern (:func:`resolve_device`, :func:`parse_dtype`, :func:`parameter_filter`). :mod:`hessspec.pipeline` runs jobs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessspec.analysis import AnalysisSettings
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEFAULT_BATCH_SIZE = 128  # the training batch size of the digits examples; BN train mode should use the training one
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+class PipelineError(ValueError):
+    """The job cannot run as specified (device, dtype, data that does not fit the model, ...)."""
+
+
+@dataclass(frozen=True)
+class AnalysisJob:
+    """What to analyse and how: the model, the data and the settings, as a user names them.
+
+    Attributes:
+        model: a zoo name, ``tv:NAME`` or ``module:function`` (see :func:`hessspec.models.build_model`).
+        data: a dataset spec such as ``digits`` or ``cifar10:ROOT`` (see :func:`hessspec.datasets.load_dataset`).
+        model_args: keyword arguments of the model. For a zoo model ``num_classes`` defaults to the dataset's.
+        data_args: keyword arguments of ``synthetic`` or a data factory.
+        samples: analyse this many examples (a seeded subset, see ``--samples``), or None for all.
+        batch_size: examples per batch (BN train mode normalises with each batch's statistics: use the training
+            batch size).
+        bn_mode: "train", "eval" or "population" (see :mod:`hessspec.problem`).
+        dtype: "float32" or "float64", the dtype the model is evaluated in (Lanczos is always float64).
+        device: "auto" (CUDA if available, else the CPU), "cpu", "cuda", "cuda:I" or "mps".
+        params: a regular expression; only parameters whose names it matches (``re.search``) span the Hessian.
+            None for all parameters that require gradients.
+        block_strategy: how the operator evaluates a block of probes ("auto", "vmap", "loop" or "reverse"; see
+            :class:`~hessspec.operators.HessianOperator`). It changes rounding only, so resuming ignores it.
+        settings: the SLQ settings (seed, Lanczos steps, probes, ...); ``settings.seed`` also draws the
+            ``samples`` subset.
+        label: the run's name in the result file; None keeps the file's label (a new file gets its own stem).
+    """
+
+    model: str
+    data: str
+    model_args: Mapping[str, Any] = field(default_factory=dict)
+    data_args: Mapping[str, Any] = field(default_factory=dict)
+    samples: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    bn_mode: str = "train"
+    dtype: str = "float32"
+    device: str = "auto"
+    params: str | None = None
+    block_strategy: str = "auto"
+    settings: AnalysisSettings = field(default_factory=AnalysisSettings)
+    label: str | None = None
+
+    def effective_model_args(self) -> dict[str, Any]:
+        """The model's keyword arguments, with ``num_classes`` of the dataset added for zoo models.
+
+        Returns:
+            ``model_args`` plus ``num_classes`` when the model is a zoo model, the user did not give it, and the
+            dataset's number of classes is known (``datasets.NUM_CLASSES``, or ``num_classes`` of ``synthetic``).
+        """
+        from hessspec.datasets import NUM_CLASSES
+        from hessspec.models import available_models
+
+        arguments = dict(self.model_args)
+        if "num_classes" in arguments or self.model.strip() not in available_models():
+            return arguments
+        kind = self.data.strip().partition(":")[0].lower()
+        if kind == "synthetic" and ":" not in self.data:
+            classes = self.data_args.get("num_classes", 10)
+        else:
+            classes = NUM_CLASSES.get(kind)
+        if classes is not None:
+            arguments["num_classes"] = classes
+        return arguments
+
+    def config(self, device: str | None = None, world_size: int = 1) -> dict[str, Any]:
+        """The run's config as stored in the result file.
+
+        Everything that changes the numbers (compared when resuming or merging), plus ``label``, ``device``,
+        ``data_root``, ``basis_device`` and ``world_size``, which ``hessspec.store`` ignores in that comparison.
+
+        Args:
+            device: the resolved device to record (default: ``self.device`` as given).
+            world_size: the number of data-parallel processes; recorded when above 1.
+
+        Returns:
+            A JSON-serialisable dict.
+        """
+        from hessspec.datasets import available_datasets
+
+        rooted = {spec.split(":")[0] for spec in available_datasets() if spec.endswith(":ROOT")}
+        name, has_colon, root = self.data.strip().partition(":")
+        data, data_root = (name.lower(), root) if has_colon and name.lower() in rooted else (self.data.strip(), None)
+        s = self.settings
+        config: dict[str, Any] = {
+            "model": self.model.strip(),
+            "model_args": self.effective_model_args(),
+            "data": data,
+            "data_args": dict(self.data_args),
+            "samples": self.samples,
+            "batch_size": self.batch_size,
+            "bn_mode": self.bn_mode,
+            "dtype": self.dtype,
+            "params": self.params,
+            "seed": s.seed,
+            "lanczos_steps": s.lanczos_steps,
+            "probes": s.probes,
+            "top_k": s.top_k,
+            "basis_dtype": s.basis_dtype,
+            "gradient_crosscheck": s.gradient_crosscheck,
+            "device": device or self.device,
+            "basis_device": s.basis_device,
+            "block_strategy": self.block_strategy,
+        }
+        if data_root is not None:
+            config["data_root"] = data_root
+        if world_size > 1:
+            config["world_size"] = world_size
+        if self.label is not None:
+            config["label"] = self.label
+        return config
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The device named by ``spec``, checked to exist.
+
+    Args:
+        spec: "auto" (CUDA if available, else the CPU), "cpu", "cuda", "cuda:I" or "mps".
+
+    Returns:
+        The device.
+
+    Raises:
+        PipelineError: a malformed name, or a CUDA/MPS device that this machine does not have.
+    """
+    text = str(spec).strip().lower()
+    if not _DEVICE_PATTERN.match(text):
+        msg = f"unknown device {spec!r}; expected auto, cpu, cuda, cuda:INDEX or mps"
+        raise PipelineError(msg)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            msg = (
+                f"device {spec!r} was asked for but CUDA is not available here (torch {torch.__version__}, "
+                "torch.cuda.is_available() is False); use --device cpu or auto"
+            )
+            raise PipelineError(msg)
+        index = int(text.split(":")[1]) if ":" in text else torch.cuda.current_device()
+        count = torch.cuda.device_count()
+        if index >= count:
+            msg = f"device {spec!r} does not exist: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            raise PipelineError(msg)
+        return torch.device("cuda", index)
+    if text == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        msg = "device 'mps' was asked for but MPS is not available here; use --device cpu or auto"
+        raise PipelineError(msg)
+    return torch.device(text)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32"`` or ``"float64"`` as a torch dtype.
+
+    Raises:
+        PipelineError: another name.
+    """
+    if name not in DTYPES:
+        msg = f"dtype must be one of {', '.join(DTYPES)}; got {name!r}"
+        raise PipelineError(msg)
+    return DTYPES[name]
+
+
+def parameter_filter(pattern: str | None) -> Callable[[str, nn.Parameter], bool] | None:
+    """A parameter selector for :class:`HessianOperator` from a regular expression.
+
+    Args:
+        pattern: matched with ``re.search`` against parameter names (``"layers\\.4\\."``, ``"weight$"``); None
+            selects every parameter that requires gradients.
+
+    Returns:
+        ``selector(name, parameter) -> bool``, or None.
+
+    Raises:
+        PipelineError: the pattern is not a valid regular expression.
+    """
+    if pattern is None:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        msg = f"--params {pattern!r} is not a valid regular expression: {error}"
+        raise PipelineError(msg) from None
+
+    def selector(name: str, parameter: nn.Parameter) -> bool:
+        return parameter.requires_grad and compiled.search(name) is not None
+
+    return selector
