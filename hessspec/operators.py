@@ -89,8 +89,9 @@ class HessianOperator:
             primal computed once for all columns), "loop" (one forward-over-reverse pass per column), "reverse"
             (plain autograd: the batch gradient's graph is built once, then one backward through it per column;
             works for any twice-differentiable model), or "auto": "reverse" on the CPU for models with
-            convolutions, where vmap turns the batched weight tangents into grouped convolutions and costs up to
-            4.5x a gradient per column with BatchNorm against 3.0x (benchmarks/RESULTS.md), "vmap" otherwise;
+            convolutions, where vmap turns the batched weight tangents into grouped convolutions, holds p copies of
+            every activation and measured 2.0-4.5x a gradient per column with BatchNorm across runs, against
+            2.2-3.0x for "reverse" (benchmarks/RESULTS.md), "vmap" otherwise;
             "auto" also switches to "reverse" when torch.func cannot transform the model (an
             ``autograd.Function`` without ``setup_context``, an op without a forward-mode derivative). The
             choice changes only rounding, and it is deterministic, so the same seed gives the same results.

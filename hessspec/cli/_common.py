@@ -134,3 +134,18 @@ def parse_int_list(values: tuple[str, ...], what: str) -> list[int]:
                 msg = f"expected integers (e.g. 0,100,500); got {part!r}"
                 raise click.BadParameter(msg, param_hint=what) from None
     return numbers
+
+
+def tune_allocator_for(device: str) -> None:
+    """Apply :func:`hessspec.runtime.tune_cpu_allocator` when ``device`` resolves to the CPU.
+
+    Large allocations otherwise page-fault on every batch. A bad device name is left for the pipeline to report.
+    """
+    from hessspec.job import PipelineError, resolve_device
+    from hessspec.runtime import tune_cpu_allocator
+
+    try:
+        if resolve_device(device).type == "cpu":
+            tune_cpu_allocator()
+    except PipelineError:
+        pass

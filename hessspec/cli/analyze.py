@@ -10,7 +10,15 @@ from typing import Any
 
 import click
 
-from hessspec.cli._common import CONTEXT_SETTINGS, can_encode, debug_option, describe_error, fmt_number, is_debug
+from hessspec.cli._common import (
+    CONTEXT_SETTINGS,
+    can_encode,
+    debug_option,
+    describe_error,
+    fmt_number,
+    is_debug,
+    tune_allocator_for,
+)
 from hessspec.cli._progress import ProgressLine, format_duration
 
 _DEFAULTS = {  # hessspec.analysis.AnalysisSettings and hessspec.job; kept here so --help needs no torch
@@ -323,7 +331,7 @@ def analyze(
     if ctx is not None:
         job = dataclasses.replace(job, device=str(ctx.device))
         hooks = distributed.pipeline_hooks(ctx)
-    _tune_allocator_for_cpu(job.device)
+    tune_allocator_for(job.device)
     reporter = _Reporter(out, quiet or (ctx is not None and not ctx.is_main), 1 if ctx is None else ctx.world_size)
     report = None
     with warnings.catch_warnings():
@@ -351,18 +359,6 @@ def analyze(
         finally:
             reporter.close(report)
             distributed.shutdown(ctx)
-
-
-def _tune_allocator_for_cpu(device: str) -> None:
-    # Keep freed memory for reuse (hessspec.runtime): large allocations otherwise page-fault on every batch.
-    from hessspec.job import PipelineError, resolve_device
-    from hessspec.runtime import tune_cpu_allocator
-
-    try:
-        if resolve_device(device).type == "cpu":
-            tune_cpu_allocator()
-    except PipelineError:
-        pass  # reported by the pipeline, with its context
 
 
 def _known_to_all_ranks(error: BaseException) -> bool:

@@ -6,7 +6,7 @@ import warnings
 
 import click
 
-from hessspec.cli._common import CONTEXT_SETTINGS, debug_option
+from hessspec.cli._common import CONTEXT_SETTINGS, debug_option, tune_allocator_for
 
 
 @click.command(context_settings=CONTEXT_SETTINGS, short_help="Train BN and no-BN MLPs on digits and analyse them.")
@@ -21,10 +21,10 @@ def demo(out_dir: str, device: str, quick: bool, quiet: bool) -> None:
     OUT/bn.h5, density, evolution and overlap figures, and OUT/summary.md with the contrast table."""
     from dataclasses import replace
 
-    from hessspec.cli.analyze import _Reporter, _tune_allocator_for_cpu
+    from hessspec.cli.analyze import _Reporter
     from hessspec.demo import DemoConfig, format_table, run_demo
 
-    _tune_allocator_for_cpu(device)
+    tune_allocator_for(device)
     config = replace(DemoConfig.quick() if quick else DemoConfig(), device=device)
     reporters: list[_Reporter] = []
 
