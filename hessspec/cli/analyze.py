@@ -317,15 +317,15 @@ def analyze(
     )
     import functools
 
-    from hessspec import distributed
+    from hessspec import distributed, shards
 
     shard_spec = None
     if shard is not None:
         try:
-            shard_spec = distributed.parse_shard(shard)
-        except distributed.ShardError as error:
+            shard_spec = shards.parse_shard(shard)
+        except shards.ShardError as error:
             raise click.BadParameter(str(error), param_hint="--shard") from None
-        out = str(distributed.shard_output_path(out, shard_spec))
+        out = str(shards.shard_output_path(out, shard_spec))
     ctx = distributed.init_from_env(device)  # under torchrun (WORLD_SIZE > 1): this rank's context
     hooks = {}
     if ctx is not None:
@@ -347,7 +347,7 @@ def analyze(
                 explicit_step=step,
                 unsafe=unsafe_load,
                 observer=reporter.observer,
-                select=functools.partial(distributed.select_shard, spec=shard_spec) if shard_spec else None,
+                select=functools.partial(shards.select_shard, spec=shard_spec) if shard_spec else None,
                 **hooks,
             )
         except Exception as error:
