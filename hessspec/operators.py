@@ -229,7 +229,9 @@ class HessianOperator:
         return compute()
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        Vc = V.to(self.dtype)
+        # Column-major, so that each column (a backward's grad_outputs under "reverse") is contiguous, once per
+        # product rather than once per batch.
+        Vc = V.to(self.dtype).T.contiguous().T
 
         def compute() -> torch.Tensor:
             out = torch.zeros(V.shape, dtype=torch.float64, device=self.device)
