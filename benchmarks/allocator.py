@@ -18,7 +18,12 @@ import subprocess
 import sys
 
 import torch
-from hvp import _cpu_name, cifar_cnn, timed  # shared helpers (the script's folder is on sys.path)
+from hvp import (  # shared helpers (the script's folder is on sys.path)
+    _cpu_name,
+    cifar_cnn,
+    synthetic_cifar_batches,
+    timed,
+)
 
 from hessspec.operators import HessianOperator
 from hessspec.runtime import tune_cpu_allocator
@@ -29,10 +34,7 @@ def child(batch_norm: bool, examples: int, batch_size: int, repeats: int) -> dic
     device = torch.device("cpu")
     torch.manual_seed(0)
     model = cifar_cnn(batch_norm)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(examples, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (examples,), generator=g)
-    batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, examples, batch_size)]
+    batches = synthetic_cifar_batches(examples, batch_size)
     op = HessianOperator(model, batches)
     V = torch.randn(op.n, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     start = resource.getrusage(resource.RUSAGE_SELF)

@@ -48,6 +48,17 @@ def cifar_cnn(batch_norm: bool) -> nn.Module:
     return nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128), nn.Flatten(), nn.Linear(128 * 16, 10))
 
 
+def synthetic_cifar_batches(
+    examples: int, batch_size: int, seed: int = 1, device: torch.device | str = "cpu"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Seeded standard-normal 3x32x32 inputs and uniform labels of 10 classes, in batches of ``batch_size``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(examples, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (examples,), generator=g)
+    starts = range(0, examples, batch_size)
+    return [(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)) for i in starts]
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -97,12 +108,7 @@ def bench(
 ) -> dict:
     torch.manual_seed(0)
     model = cifar_cnn(batch_norm).to(device)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(examples, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (examples,), generator=g)
-    batches = [
-        (x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)) for i in range(0, examples, batch_size)
-    ]
+    batches = synthetic_cifar_batches(examples, batch_size, device=device)
     op = HessianOperator(model, batches)
     n = op.n
     v1 = torch.randn(n, 1, dtype=torch.float64, device=device)

@@ -15,7 +15,12 @@ import argparse
 import time
 
 import torch
-from hvp import _cpu_name, _sync, timed  # shared timing helpers (the script's folder is on sys.path)
+from hvp import (  # shared timing helpers (the script's folder is on sys.path)
+    _cpu_name,
+    _sync,
+    synthetic_cifar_batches,
+    timed,
+)
 
 from hessspec.lanczos import lanczos
 from hessspec.models import build_model
@@ -47,11 +52,7 @@ def main() -> None:
         f"SLQ m={args.lanczos_steps} x 10 probes on 50k |"
     )
     print("|" + "---|" * 6)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.examples, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (args.examples,), generator=g)
-    size = args.batch_size
-    batches = [(x[i : i + size], y[i : i + size]) for i in range(0, args.examples, size)]
+    batches = synthetic_cifar_batches(args.examples, args.batch_size, seed=0)
     for model_name in ("cifar-resnet32-nobn", "cifar-resnet32"):
         torch.manual_seed(0)
         model = build_model(model_name, num_classes=10).to(device)
