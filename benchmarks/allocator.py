@@ -25,7 +25,7 @@ from hvp import (  # shared helpers (the script's folder is on sys.path)
     timed,
 )
 
-from hessspec.operators import HessianOperator
+from hessspec.curvature.hessian import HessianOperator
 from hessspec.runtime import tune_cpu_allocator
 
 

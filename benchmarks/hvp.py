@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessspec.analysis import AnalysisSettings, analyze
-from hessspec.operators import HessianOperator
+from hessspec.curvature.hessian import HessianOperator
 from hessspec.runtime import tune_cpu_allocator
 
 STRATEGIES = ("vmap", "loop", "reverse")

@@ -22,9 +22,9 @@ from hvp import (  # shared timing helpers (the script's folder is on sys.path)
     timed,
 )
 
-from hessspec.lanczos import lanczos
+from hessspec.curvature.hessian import BLOCK_STRATEGIES, HessianOperator
+from hessspec.linalg.lanczos import lanczos
 from hessspec.models import build_model
-from hessspec.operators import BLOCK_STRATEGIES, HessianOperator
 from hessspec.runtime import tune_cpu_allocator
 
 FULL_SET = 50_000

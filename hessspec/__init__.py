@@ -19,19 +19,19 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # numerical core
-    "HessianOperator": "hessspec.operators",
-    "DeterminismError": "hessspec.operators",
-    "lanczos": "hessspec.lanczos",
-    "LanczosResult": "hessspec.lanczos",
-    "quadrature": "hessspec.spectrum",
-    "density": "hessspec.spectrum",
-    "trace_estimate": "hessspec.spectrum",
-    "negative_mass": "hessspec.spectrum",
-    "bulk_edge": "hessspec.spectrum",
-    "Quadrature": "hessspec.spectrum",
-    "Density": "hessspec.spectrum",
-    "ritz_pairs": "hessspec.overlap",
-    "gradient_overlap": "hessspec.overlap",
+    "HessianOperator": "hessspec.curvature.hessian",
+    "DeterminismError": "hessspec.curvature.hessian",
+    "lanczos": "hessspec.linalg.lanczos",
+    "LanczosResult": "hessspec.linalg.lanczos",
+    "quadrature": "hessspec.linalg.spectrum",
+    "density": "hessspec.linalg.spectrum",
+    "trace_estimate": "hessspec.linalg.spectrum",
+    "negative_mass": "hessspec.linalg.spectrum",
+    "bulk_edge": "hessspec.linalg.spectrum",
+    "Quadrature": "hessspec.linalg.spectrum",
+    "Density": "hessspec.linalg.spectrum",
+    "ritz_pairs": "hessspec.linalg.overlap",
+    "gradient_overlap": "hessspec.linalg.overlap",
     # one checkpoint
     "analyze": "hessspec.analysis",
     "AnalysisSettings": "hessspec.analysis",
@@ -42,10 +42,10 @@ _EXPORTS = {
     "merge": "hessspec.store",
     "load_checkpoint": "hessspec.checkpoints",
     "build_model": "hessspec.models",
-    "load_dataset": "hessspec.datasets",
-    "materialize": "hessspec.datasets",
-    "AnalysisJob": "hessspec.job",
-    "run": "hessspec.pipeline",
+    "load_dataset": "hessspec.data.datasets",
+    "materialize": "hessspec.data.datasets",
+    "AnalysisJob": "hessspec.runner.job",
+    "run": "hessspec.runner.pipeline",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hessspec import spectrum
-from hessspec.lanczos import lanczos, lanczos_memory_estimate
-from hessspec.operators import HessianOperator
-from hessspec.overlap import gradient_overlap, ritz_pairs
+from hessspec.curvature.hessian import HessianOperator
+from hessspec.linalg import spectrum
+from hessspec.linalg.lanczos import lanczos, lanczos_memory_estimate
+from hessspec.linalg.overlap import gradient_overlap, ritz_pairs
 from hessspec.results import CheckpointResult
 
 DEFAULT_LANCZOS_STEPS = 90  # Ghorbani et al. (2019), Sec. 2

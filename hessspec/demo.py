@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from hessspec.analysis import AnalysisSettings
-from hessspec.datasets import digits_arrays
+from hessspec.data.datasets import digits_arrays
 from hessspec.models import build_model
-from hessspec.pipeline import AnalysisJob, Observer, run
+from hessspec.runner.pipeline import AnalysisJob, Observer, run
 from hessspec.training import train_sgd
 
 RUNS = {"nobn": ("mlp", "MLP, no BN"), "bn": ("mlp-bn", "MLP, BN")}

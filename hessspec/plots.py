@@ -7,7 +7,7 @@ selection), so they work headless and leave matplotlib's global state alone; the
 through :func:`matplotlib.rc_context`. Write them with :func:`save_figure`.
 
 The densities follow Ghorbani, Krishnan & Xiao (2019, Sec. 2 and Fig. 1): Gaussian smoothing of the quadrature
-(see :func:`hessspec.spectrum.density`) drawn on a log y-axis, where a bulk near 0 and isolated outliers far to
+(see :func:`hessspec.linalg.spectrum.density`) drawn on a log y-axis, where a bulk near 0 and isolated outliers far to
 the right both stay visible.
 """
 
@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from hessspec import spectrum
+from hessspec.linalg import spectrum
 from hessspec.results import CheckpointResult
 
 __all__ = ["PALETTE", "RunLike", "default_steps", "plot_density", "plot_evolution", "plot_overlap", "save_figure"]
@@ -202,7 +202,7 @@ def _step_colors(steps: Sequence[int]) -> list:
 
 
 def _outliers(checkpoint: CheckpointResult) -> np.ndarray:
-    """Top eigenvalues above the bulk edge (:func:`hessspec.spectrum.bulk_edge`)."""
+    """Top eigenvalues above the bulk edge (:func:`hessspec.linalg.spectrum.bulk_edge`)."""
     top = np.asarray(checkpoint.top_eigenvalues, dtype=np.float64)
     if len(top) == 0 or checkpoint.n_params <= 0:
         return top[:0]
@@ -225,7 +225,7 @@ def plot_density(
 
     Each curve is :meth:`CheckpointResult.density` (Gaussian kernels of variance ``sigma2 * max(1, width)`` on the
     quadrature nodes, Ghorbani et al. 2019), coloured by step (viridis, early dark). Short ticks mark the top
-    eigenvalues that lie above the bulk edge (:func:`hessspec.spectrum.bulk_edge`), the outliers: in the overlay
+    eigenvalues that lie above the bulk edge (:func:`hessspec.linalg.spectrum.bulk_edge`), the outliers: in the overlay
     layout in a strip above the densities, one row per step; in the grid layout along the top of each panel.
 
     Args:

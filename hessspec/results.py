@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from hessspec import spectrum
+from hessspec.linalg import spectrum
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,11 @@ class CheckpointResult:
     def density(
         self, sigma2: float = spectrum.DEFAULT_SIGMA2, grid: np.ndarray | None = None, num_points: int = 10_000
     ) -> spectrum.Density:
-        """Smoothed eigenvalue density; see :func:`hessspec.spectrum.density`."""
+        """Smoothed eigenvalue density; see :func:`hessspec.linalg.spectrum.density`."""
         return spectrum.density(self.nodes, self.weights, sigma2=sigma2, grid=grid, num_points=num_points)
 
     def negative_mass(self, threshold: float = 0.0) -> float:
-        """Estimated fraction of eigenvalues below ``-threshold``; see :func:`hessspec.spectrum.negative_mass`."""
+        """Estimated fraction of eigenvalues below ``-threshold``; see :func:`spectrum.negative_mass`."""
         return spectrum.negative_mass(self.nodes, self.weights, threshold=threshold)
 
     def overlap_at(self, k: int) -> float:
@@ -104,5 +104,5 @@ class CheckpointResult:
         return float(self.overlap_ratio[hits[0]])
 
     def num_outliers(self) -> int:
-        """Number of top eigenvalues above the bulk edge; see :func:`hessspec.spectrum.count_outliers`."""
+        """Number of top eigenvalues above the bulk edge; see :func:`hessspec.linalg.spectrum.count_outliers`."""
         return spectrum.count_outliers(self.top_eigenvalues, self.nodes, self.weights, self.n_params)

@@ -5,7 +5,7 @@ The setting of He et al. (2016, Sec. 4.2), which Ghorbani et al. (2019) analyse 
 with momentum 0.9, weight decay 1e-4, batches of 128, 64,000 steps, the learning rate divided by 10 at 50% and
 75% of training (32k and 48k steps), random 32x32 crops of the 4-pixel zero-padded image and horizontal flips.
 Analysis uses the un-augmented training set (``hessspec analyze --data cifar10:ROOT``); training reads the same
-normalised images (``hessspec.datasets.load_dataset``), so both see identical inputs.
+normalised images (``hessspec.data.datasets.load_dataset``), so both see identical inputs.
 
 Networks without BatchNorm. The zoo's ``cifar-resnet32-nobn`` at He initialisation has logits of standard
 deviation ~200 and a loss of ~260 (the residual branches compound the variance over 15 blocks; BN removes it).
@@ -219,7 +219,7 @@ def _resume(path: Path, settings: dict[str, Any], model: nn.Module, opt: torch.o
 
 def train(args: argparse.Namespace) -> list[Path]:
     """Run (or resume) training; returns the checkpoint files of the run ([] when stopped by --stop-after)."""
-    from hessspec.datasets import load_dataset
+    from hessspec.data.datasets import load_dataset
     from hessspec.models import build_model
 
     device = _device(args.device)

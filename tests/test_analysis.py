@@ -11,8 +11,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from hessspec.analysis import AnalysisSettings, analyze, check_memory, rademacher_probes
-from hessspec.operators import HessianOperator
-from hessspec.overlap import measure_mass_above
+from hessspec.curvature.hessian import HessianOperator
+from hessspec.linalg.overlap import measure_mass_above
 from tests import reference as ref
 
 
@@ -55,8 +55,8 @@ def test_top_eigenvalues_match_exact(digits_problem):
 
 def test_residuals_are_true_residuals(digits_problem):
     model, op, H, *_ = digits_problem
-    from hessspec.lanczos import lanczos
-    from hessspec.overlap import ritz_pairs
+    from hessspec.linalg.lanczos import lanczos
+    from hessspec.linalg.overlap import ritz_pairs
 
     res = lanczos(lambda V: H @ V, rademacher_probes(op.n, 1, 0), 30, keep_basis=True)
     pairs = ritz_pairs(res, 10)

@@ -33,7 +33,7 @@ SETTINGS = ["--data", "digits", "--samples", "200", "--lanczos-steps", "10", "--
 
 def write_checkpoints(directory: Path, steps=STEPS, width: int = 8, seed: int = 0) -> list[Path]:
     """Train the zoo ``mlp`` (depth 2) on digits with SGD and save ``{"model": state_dict, "step": s}`` files."""
-    from hessspec.datasets import digits_arrays
+    from hessspec.data.datasets import digits_arrays
     from hessspec.models import build_model
 
     torch.manual_seed(seed)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from hessspec import distributed, pipeline
 from hessspec.cli import cli
 from hessspec.cli.analyze import _Reporter
-from hessspec.distributed import DistributedContext, DistributedError
-from hessspec.operators import DeterminismError
+from hessspec.curvature.hessian import DeterminismError
+from hessspec.runner import distributed, pipeline
+from hessspec.runner.distributed import DistributedContext, DistributedError
 
 ARGS = ["analyze", "ckpt.pt", "--model", "mlp", "--data", "digits", "--device", "cpu", "--out", "o.h5"]
 AGREED = "2 of 2 ranks failed while loading ckpt.pt: ranks 0, 1: CheckpointError: checkpoint 'ckpt.pt' is truncated"

@@ -319,7 +319,7 @@ def test_unexpected_errors_are_one_line_too(runner, monkeypatch, small_file):
     def broken(*args, **kwargs):
         raise TypeError("boom\nsecond line")
 
-    monkeypatch.setattr("hessspec.summary.summary_table", broken)
+    monkeypatch.setattr("hessspec.store.summary.summary_table", broken)
     line = assert_one_error(runner.invoke(cli, ["info", str(small_file)]), "TypeError: boom second line", "--debug")
     assert line.startswith("Error:")
 
@@ -345,7 +345,7 @@ def test_help_shows_defaults(runner):
 def test_help_defaults_match_the_library():
     from hessspec.analysis import AnalysisSettings
     from hessspec.cli.analyze import _DEFAULTS
-    from hessspec.job import DEFAULT_BATCH_SIZE
+    from hessspec.runner.job import DEFAULT_BATCH_SIZE
 
     settings = AnalysisSettings()
     assert _DEFAULTS == {

@@ -1,4 +1,4 @@
-"""The library layer under ``hessspec analyze`` (hessspec.pipeline) and the CLI's progress line."""
+"""The library layer under ``hessspec analyze`` (hessspec.runner.pipeline) and the CLI's progress line."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import io
 import pytest
 import torch
 
-from hessspec import pipeline
 from hessspec.analysis import AnalysisSettings
 from hessspec.checkpoints import CheckpointError
 from hessspec.cli._progress import ProgressLine, bar, format_duration
-from hessspec.pipeline import (
+from hessspec.runner import pipeline
+from hessspec.runner.pipeline import (
     AnalysisJob,
     Observer,
     PipelineError,

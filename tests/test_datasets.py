@@ -1,4 +1,4 @@
-"""Tests of the analysis data (hessspec.datasets) on tiny datasets written in the real on-disk formats."""
+"""Tests of the analysis data (hessspec.data.datasets) on tiny datasets written in the real on-disk formats."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-from hessspec.datasets import (
+from hessspec.data.datasets import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR100_MEAN,

@@ -1,4 +1,4 @@
-"""Tests of hessspec.distributed: data-parallel analysis with 2 Gloo ranks on the CPU, failure propagation.
+"""Tests of hessspec.runner.distributed: data-parallel analysis with 2 Gloo ranks on the CPU, failure propagation.
 
 The data-parallel result must equal the single-process one to rounding (the cross-rank sum runs in another order
 than the single-process loop): nodes, weights, top eigenvalues and overlap agree to 1e-10 in float64, and the
@@ -19,11 +19,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hessspec import distributed, pipeline
 from hessspec.analysis import AnalysisSettings, analyze
 from hessspec.checkpoints import load_checkpoint
-from hessspec.datasets import load_dataset, materialize
-from hessspec.distributed import (
+from hessspec.curvature.hessian import HessianOperator
+from hessspec.data.datasets import load_dataset, materialize
+from hessspec.models import build_model
+from hessspec.runner import distributed, pipeline
+from hessspec.runner.distributed import (
     DistributedContext,
     DistributedError,
     agree_or_raise,
@@ -35,8 +37,6 @@ from hessspec.distributed import (
     sync_errors,
     verify_identical,
 )
-from hessspec.models import build_model
-from hessspec.operators import HessianOperator
 from hessspec.store import load_results
 
 WORLD = 2

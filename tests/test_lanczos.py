@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hessspec.lanczos import basis_bytes, lanczos, lanczos_memory_estimate
-from hessspec.spectrum import quadrature
+from hessspec.linalg.lanczos import basis_bytes, lanczos, lanczos_memory_estimate
+from hessspec.linalg.spectrum import quadrature
 from tests import reference as ref
 
 

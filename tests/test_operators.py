@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from hessspec.operators import DeterminismError, HessianOperator
+from hessspec.curvature.hessian import DeterminismError, HessianOperator
 from tests import reference as ref
 
 # float64 products of ~100-300 parameter networks: both sides are exact up to rounding, so the relative Frobenius

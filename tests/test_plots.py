@@ -2,7 +2,7 @@
 
 The results are synthetic but made the way hessspec makes them: Lanczos (full reorthogonalisation) on a diagonal
 matrix with a bulk near 0 and a few outliers, Gauss quadrature from the tridiagonals via
-:func:`hessspec.spectrum.quadrature`.
+:func:`hessspec.linalg.spectrum.quadrature`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from matplotlib.collections import LineCollection, PolyCollection
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from hessspec import plots, spectrum
+from hessspec import plots
+from hessspec.linalg import spectrum
 from hessspec.results import CheckpointResult
 
 

@@ -1,4 +1,4 @@
-"""Tests of hessspec.shards: --shard I/N and SLURM array variables, stable disjoint partitions, file names."""
+"""Tests of hessspec.runner.shards: --shard I/N and SLURM array variables, stable disjoint partitions, file names."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hessspec.shards import ShardError, ShardSpec, checkpoint_sort_key, parse_shard, select_shard, shard_output_path
+from hessspec.runner.shards import (
+    ShardError,
+    ShardSpec,
+    checkpoint_sort_key,
+    parse_shard,
+    select_shard,
+    shard_output_path,
+)
 
 
 def test_parse_shard():

@@ -7,8 +7,8 @@ import pytest
 import scipy.stats
 import torch
 
-from hessspec import spectrum
-from hessspec.lanczos import lanczos
+from hessspec.linalg import spectrum
+from hessspec.linalg.lanczos import lanczos
 from tests import reference as ref
 
 

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 import hessspec
-from hessspec import _h5files, spectrum, store, summary
+from hessspec import store
+from hessspec.linalg import spectrum
 from hessspec.results import CheckpointResult
-from hessspec.store import ResultWriter, StoreError, load_results
+from hessspec.store import ResultWriter, StoreError, _h5files, load_results, summary
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {
@@ -461,7 +462,8 @@ def _kill(proc: subprocess.Popen) -> None:
 
 CRASH_SCRIPT = """
     import sys, time
-    from hessspec import store, summary
+    from hessspec import store
+    from hessspec.store import summary
     from tests.test_store import CONFIG, make_result
 
     path, n, hang = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "hang"

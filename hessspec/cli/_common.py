@@ -141,7 +141,7 @@ def tune_allocator_for(device: str) -> None:
 
     Large allocations otherwise page-fault on every batch. A bad device name is left for the pipeline to report.
     """
-    from hessspec.job import PipelineError, resolve_device
+    from hessspec.runner.job import PipelineError, resolve_device
     from hessspec.runtime import tune_cpu_allocator
 
     try:

@@ -21,7 +21,7 @@ from hessspec.cli._common import (
 )
 from hessspec.cli._progress import ProgressLine, format_duration
 
-_DEFAULTS = {  # hessspec.analysis.AnalysisSettings and hessspec.job; kept here so --help needs no torch
+_DEFAULTS = {  # hessspec.analysis.AnalysisSettings and hessspec.runner.job; kept here so --help needs no torch
     "batch_size": 128,
     "lanczos_steps": 90,
     "probes": 10,
@@ -33,7 +33,7 @@ class _AnalyzeCommand(click.Command):
     """Lists the model zoo and the dataset specs after the options (imported only when help is shown)."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from hessspec.datasets import available_datasets
+        from hessspec.data.datasets import available_datasets
         from hessspec.models import describe_models
 
         with formatter.section("Models (--model)"):
@@ -87,7 +87,7 @@ class _Reporter:
     """Turns pipeline events into the progress line (stderr) and one summary line per checkpoint (stdout)."""
 
     def __init__(self, out: str, quiet: bool, world_size: int = 1) -> None:
-        from hessspec.pipeline import Observer
+        from hessspec.runner.pipeline import Observer
 
         self.out = out
         self.quiet = quiet
@@ -97,7 +97,8 @@ class _Reporter:
         self.started = time.monotonic()
         reporter = self
 
-        # Subclassed here, not at module level: hessspec.pipeline imports torch, which `hessspec --help` should not.
+        # Subclassed here, not at module level: hessspec.runner.pipeline imports torch, which `hessspec --help`
+        # should not.
         class _Observer(Observer):
             def planned(self, plan, done, prepared) -> None:
                 reporter.planned(plan, done, prepared)
@@ -285,7 +286,7 @@ def analyze(
     the ranks share each checkpoint's data and rank 0 reports; see 'Several processes' below.
     """
     from hessspec.analysis import AnalysisSettings
-    from hessspec.pipeline import AnalysisJob, run
+    from hessspec.runner.pipeline import AnalysisJob, run
 
     model_spec = _choose(model, model_factory, "--model", "--model-factory")
     data_spec = _choose(data, data_factory, "--data", "--data-factory")
@@ -317,7 +318,7 @@ def analyze(
     )
     import functools
 
-    from hessspec import distributed, shards
+    from hessspec.runner import distributed, shards
 
     shard_spec = None
     if shard is not None:
@@ -366,6 +367,6 @@ def _known_to_all_ranks(error: BaseException) -> bool:
     # ValueErrors (settings), FloatingPointError (sums are all-reduced: every rank sees the NaN) and
     # DeterminismError (checked on the all-reduced gradient) are raised alike by every rank. Anything else (CUDA
     # out of memory, a broken connection) may be this rank's alone, and would be lost if only rank 0 spoke.
-    from hessspec.operators import DeterminismError
+    from hessspec.curvature.hessian import DeterminismError
 
     return isinstance(error, (ValueError, ArithmeticError, DeterminismError))

@@ -27,7 +27,7 @@ def export(file: str, fmt: str | None, out: str | None) -> None:
     The quadrature itself (nodes and weights) stays in the HDF5 file; read it with hessspec.load_results.
     """
     from hessspec.store import load_results
-    from hessspec.summary import export_csv, export_json
+    from hessspec.store.summary import export_csv, export_json
 
     if fmt is None:
         fmt = _SUFFIX_FORMATS.get(Path(out).suffix.lower(), "csv") if out else "csv"

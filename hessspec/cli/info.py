@@ -55,7 +55,7 @@ def render_table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 def describe_run(run: Any) -> list[str]:
     """The lines ``hessspec info`` prints for one result file."""
-    from hessspec.summary import summary_table
+    from hessspec.store.summary import summary_table
 
     unicode = can_encode("λ±")
     lam, pm = ("λ", "±") if unicode else ("lambda", "+/-")

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from hessspec.cli._common import CONTEXT_SETTINGS, debug_option, parse_int_list, writable_output
-from hessspec.spectrum import DEFAULT_SIGMA2
+from hessspec.linalg.spectrum import DEFAULT_SIGMA2
 
 _FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 

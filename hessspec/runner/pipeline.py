@@ -1,15 +1,15 @@
 """From specs to stored results: build the model once, load the data once, analyse checkpoints into a result file.
 
-This is the reusable middle layer between the command line (``hessspec analyze``), the Python API and the
-distributed runner: it turns an :class:`~hessspec.job.AnalysisJob` (names and settings, as a user types them) into
-a model on a device and device-resident batches (:func:`prepare`), orders checkpoint files by training step
-(:func:`plan_checkpoints`), and analyses them one after another into a :class:`~hessspec.store.ResultWriter`,
-skipping those already stored (:func:`run`). Progress is reported through an :class:`Observer`.
+This is the reusable middle layer between the command line (``hessspec analyze``), the Python API and the distributed
+runner: it turns an :class:`~hessspec.runner.job.AnalysisJob` (names and settings, as a user types them) into a model on
+a device and device-resident batches (:func:`prepare`), orders checkpoint files by training step
+(:func:`plan_checkpoints`), and analyses them one after another into a :class:`~hessspec.store.ResultWriter`, skipping
+those already stored (:func:`run`). Progress is reported through an :class:`Observer`.
 
-Data-parallel analysis plugs in with hooks, all optional, which ``hessspec.distributed.pipeline_hooks(ctx)``
-builds from a ``DistributedContext``: ``shard_batches`` (keep this process's share of the batches), ``all_reduce``
-(sum a tensor across processes; given to :class:`~hessspec.operators.HessianOperator`), ``is_main`` (only the main
-process writes the file and reports), ``sync`` (``functools.partial(hessspec.distributed.sync_errors, ctx)``: a
+Data-parallel analysis plugs in with hooks, all optional, which ``hessspec.runner.distributed.pipeline_hooks(ctx)``
+builds from a ``DistributedContext``: ``shard_batches`` (keep this process's share of the batches), ``all_reduce`` (sum
+a tensor across processes; given to :class:`~hessspec.curvature.hessian.HessianOperator`), ``is_main`` (only the main
+process writes the file and reports), ``sync`` (``functools.partial(hessspec.runner.distributed.sync_errors, ctx)``: a
 failure on one rank is raised on all of them), ``verify`` (every rank holds the same result) and ``world_size``
 (recorded in the file's config).
 """
@@ -34,16 +34,16 @@ from hessspec.checkpoints import (
     resolve_step,
     step_from_filename,
 )
-from hessspec.job import (
+from hessspec.curvature.hessian import HessianOperator, check_block_strategy
+from hessspec.curvature.problem import Batch, batch_norm_layers, check_bn_mode
+from hessspec.results import CheckpointResult
+from hessspec.runner.job import (
     AnalysisJob,
     PipelineError,
     parameter_filter,
     parse_dtype,
     resolve_device,
 )
-from hessspec.operators import HessianOperator, check_block_strategy
-from hessspec.problem import Batch, batch_norm_layers, check_bn_mode
-from hessspec.results import CheckpointResult
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 ShardBatches = Callable[[list[Batch]], list[Batch]]
@@ -145,9 +145,9 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
         PipelineError: unknown device or dtype, data the model cannot process, a batch of one example in BN train
             mode, a ``params`` pattern that selects nothing.
         hessspec.models.ModelError, hessspec.models.FactoryError: the model cannot be built.
-        hessspec.datasets.DatasetError: the data cannot be loaded.
+        hessspec.data.datasets.DatasetError: the data cannot be loaded.
     """
-    from hessspec.datasets import load_dataset, materialize
+    from hessspec.data.datasets import load_dataset, materialize
     from hessspec.models import build_model
 
     check_bn_mode(job.bn_mode)
@@ -299,7 +299,7 @@ def analyze_loaded(
         The result.
 
     Raises:
-        ValueError, FloatingPointError, hessspec.operators.DeterminismError, MemoryError: from
+        ValueError, FloatingPointError, hessspec.curvature.hessian.DeterminismError, MemoryError: from
             :func:`hessspec.analysis.analyze`.
     """
     operator = HessianOperator(
@@ -463,12 +463,12 @@ def run(
         shard_batches: keeps this process's share of the batches, or None.
         sync: ``sync(what)`` returns a context manager around each block that may fail on one process only
             (reading files, opening and writing the result file on the main process); under data parallelism
-            ``functools.partial(hessspec.distributed.sync_errors, ctx)``, so that every rank raises instead of
+            ``functools.partial(hessspec.runner.distributed.sync_errors, ctx)``, so that every rank raises instead of
             waiting in the next collective. None for one process.
         select: keeps the checkpoints of this task (``--shard``), given the step-ordered plan; None keeps all.
         verify: ``verify(result, what)`` is called on every process after each checkpoint's analysis, before it
             is written; under data parallelism it raises on every rank when the ranks' results differ
-            (``hessspec.distributed.verify_identical``). None for one process.
+            (``hessspec.runner.distributed.verify_identical``). None for one process.
         world_size: the number of data-parallel processes, recorded in the file's config when above 1.
 
     Returns:
@@ -476,7 +476,7 @@ def run(
 
     Raises:
         PipelineError, hessspec.store.StoreError, hessspec.checkpoints.CheckpointError, hessspec.models.ModelError,
-        hessspec.datasets.DatasetError, MemoryError, ...: see :func:`prepare`, :func:`plan_checkpoints`,
+        hessspec.data.datasets.DatasetError, MemoryError, ...: see :func:`prepare`, :func:`plan_checkpoints`,
         :func:`check_lanczos_memory`, :func:`analyze_checkpoint` and :class:`hessspec.store.ResultWriter`.
         Results already written stay.
     """

@@ -1,5 +1,6 @@
 """What to analyse, as a user names it: :class:`AnalysisJob`, and the parsing of its device, dtype and parameter
-pattern (:func:`resolve_device`, :func:`parse_dtype`, :func:`parameter_filter`). :mod:`hessspec.pipeline` runs jobs.
+pattern (:func:`resolve_device`, :func:`parse_dtype`, :func:`parameter_filter`). :mod:`~hessspec.runner.pipeline` runs
+jobs.
 """
 
 from __future__ import annotations
@@ -29,19 +30,19 @@ class AnalysisJob:
 
     Attributes:
         model: a zoo name, ``tv:NAME`` or ``module:function`` (see :func:`hessspec.models.build_model`).
-        data: a dataset spec such as ``digits`` or ``cifar10:ROOT`` (see :func:`hessspec.datasets.load_dataset`).
+        data: a dataset spec such as ``digits`` or ``cifar10:ROOT`` (see :func:`hessspec.data.datasets.load_dataset`).
         model_args: keyword arguments of the model. For a zoo model ``num_classes`` defaults to the dataset's.
         data_args: keyword arguments of ``synthetic`` or a data factory.
         samples: analyse this many examples (a seeded subset, see ``--samples``), or None for all.
         batch_size: examples per batch (BN train mode normalises with each batch's statistics: use the training
             batch size).
-        bn_mode: "train", "eval" or "population" (see :mod:`hessspec.problem`).
+        bn_mode: "train", "eval" or "population" (see :mod:`hessspec.curvature.problem`).
         dtype: "float32" or "float64", the dtype the model is evaluated in (Lanczos is always float64).
         device: "auto" (CUDA if available, else the CPU), "cpu", "cuda", "cuda:I" or "mps".
         params: a regular expression; only parameters whose names it matches (``re.search``) span the Hessian.
             None for all parameters that require gradients.
         block_strategy: how the operator evaluates a block of probes ("auto", "vmap", "loop" or "reverse"; see
-            :class:`~hessspec.operators.HessianOperator`). It changes rounding only, so resuming ignores it.
+            :class:`~hessspec.curvature.hessian.HessianOperator`). It changes rounding only, so resuming ignores it.
         settings: the SLQ settings (seed, Lanczos steps, probes, ...); ``settings.seed`` also draws the
             ``samples`` subset.
         label: the run's name in the result file; None keeps the file's label (a new file gets its own stem).
@@ -68,7 +69,7 @@ class AnalysisJob:
             ``model_args`` plus ``num_classes`` when the model is a zoo model, the user did not give it, and the
             dataset's number of classes is known (``datasets.NUM_CLASSES``, or ``num_classes`` of ``synthetic``).
         """
-        from hessspec.datasets import NUM_CLASSES
+        from hessspec.data.datasets import NUM_CLASSES
         from hessspec.models import available_models
 
         arguments = dict(self.model_args)
@@ -96,7 +97,7 @@ class AnalysisJob:
         Returns:
             A JSON-serialisable dict.
         """
-        from hessspec.datasets import available_datasets
+        from hessspec.data.datasets import available_datasets
 
         rooted = {spec.split(":")[0] for spec in available_datasets() if spec.endswith(":ROOT")}
         name, has_colon, root = self.data.strip().partition(":")

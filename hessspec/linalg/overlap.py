@@ -13,8 +13,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from hessspec.lanczos import LanczosResult
-from hessspec.spectrum import tridiagonal_eigh
+from hessspec.linalg.lanczos import LanczosResult
+from hessspec.linalg.spectrum import tridiagonal_eigh
 
 
 class RitzPairs(NamedTuple):
@@ -49,7 +49,7 @@ def ritz_pairs(result: LanczosResult, k: int, chain: int = 0) -> RitzPairs:
     """Top-``k`` Ritz pairs of one chain of a Lanczos run.
 
     Args:
-        result: output of :func:`hessspec.lanczos.lanczos` (with ``keep_basis=True`` for vectors).
+        result: output of :func:`hessspec.linalg.lanczos.lanczos` (with ``keep_basis=True`` for vectors).
         k: number of pairs (at most the number of steps).
         chain: which chain (probe) to use.
 

@@ -1,6 +1,6 @@
-"""The HDF5 result file, format version 1: write, read, resume, merge (summaries: :mod:`hessspec.summary`).
+"""The HDF5 result file, format version 1: write, read, resume, merge (summaries: :mod:`hessspec.store.summary`).
 
-This module and its file-access layer :mod:`hessspec._h5files` are the only ones that import h5py. The layout is
+This module and its file-access layer :mod:`hessspec.store._h5files` are the only ones that import h5py. The layout is
 documented for users in ``docs/FORMAT.md``; the names there are a contract. In short::
 
     /                     attrs format="hessspec", format_version=1, generated_by, created, label, config (JSON)
@@ -18,7 +18,7 @@ skip temporary and incomplete groups, as the format requires. A killed writer th
 intact (plus a stale ``.partial`` copy, which the next writer removes). Readers, even ones holding the file open,
 never see a file being written. The copy costs O(file size) per checkpoint: milliseconds for files of hundreds of
 checkpoints, against minutes of Hessian products per checkpoint. One writer at a time is enforced by an OS lock on
-``<path>.lock``. The file mechanics are in :mod:`hessspec._h5files`.
+``<path>.lock``. The file mechanics are in :mod:`hessspec.store._h5files`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from hessspec._h5files import (
+from hessspec.results import CheckpointResult
+from hessspec.store._h5files import (
     PARTIAL_SUFFIX,
     StoreError,
     WriterLock,
@@ -44,7 +45,6 @@ from hessspec._h5files import (
     refuse_if_being_written,
     rewrite,
 )
-from hessspec.results import CheckpointResult
 
 FORMAT_NAME = "hessspec"
 FORMAT_VERSION = 1

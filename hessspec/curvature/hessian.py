@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
-from hessspec.problem import Batch, check_bn_mode, functional_copy, set_population_statistics
+from hessspec.curvature.problem import Batch, check_bn_mode, functional_copy, set_population_statistics
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BLOCK_STRATEGIES = ("auto", "vmap", "loop", "reverse")
@@ -75,7 +75,7 @@ class HessianOperator:
     columns. Inputs and outputs are float64; the model is evaluated in ``dtype``.
 
     Args:
-        model: the network (never modified; a prepared copy is used, see :mod:`hessspec.problem`).
+        model: the network (never modified; a prepared copy is used, see :mod:`hessspec.curvature.problem`).
         batches: sequence of ``(inputs, targets)``; moved to the model's device once.
         loss_fn: ``loss_fn(outputs, targets)`` returning the *mean* loss over the batch (default cross-entropy).
         bn_mode: "train" (mini-batch statistics, default), "eval" (running statistics) or "population".

@@ -4,7 +4,7 @@
 a disjoint, stable subset of the checkpoints: after sorting, item ``i`` goes to shard ``i % N`` (round-robin, so
 every task gets early and late checkpoints and the counts differ by at most one). Each task writes its own file
 (:func:`shard_output_path`); ``hessspec merge`` joins them. Data parallelism within one checkpoint is
-:mod:`hessspec.distributed`.
+:mod:`hessspec.runner.distributed`.
 """
 
 from __future__ import annotations

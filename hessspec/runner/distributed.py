@@ -1,24 +1,23 @@
 """Data-parallel analysis: one checkpoint's Hessian products spread over ranks with torch.distributed.
 
-Data parallel (one checkpoint, many GPUs). Under ``torchrun`` every rank holds a contiguous block of whole
-batches of the analysed set (:meth:`DistributedContext.shard_batches`); :class:`hessspec.operators.HessianOperator`
-sums sizes, loss, gradient, Hessian products and population BatchNorm statistics across ranks with
-:meth:`DistributedContext.all_reduce`, weighted by the global number of examples, so the operator is the
-single-process one. Whole batches keep BatchNorm's per-mini-batch statistics (``bn_mode="train"``) exactly as in
-one process. The probes come from a seeded CPU generator and an all-reduce hands every rank the same sum, so the
-Lanczos state is identical on every rank; only the order of the cross-rank sum differs from the single-process
-loop, which changes results by rounding only (~1e-15 relative in float64). :func:`verify_identical` checks the
-identity after each checkpoint (:func:`pipeline_hooks` wires all of this into :func:`hessspec.pipeline.run`).
+Data parallel (one checkpoint, many GPUs). Under ``torchrun`` every rank holds a contiguous block of whole batches of
+the analysed set (:meth:`DistributedContext.shard_batches`); :class:`~hessspec.curvature.hessian.HessianOperator` sums
+sizes, loss, gradient, Hessian products and population BatchNorm statistics across ranks with
+:meth:`DistributedContext.all_reduce`, weighted by the global number of examples, so the operator is the single-process
+one. Whole batches keep BatchNorm's per-mini-batch statistics (``bn_mode="train"``) exactly as in one process. The
+probes come from a seeded CPU generator and an all-reduce hands every rank the same sum, so the Lanczos state is
+identical on every rank; only the order of the cross-rank sum differs from the single-process loop, which changes
+results by rounding only (~1e-15 relative in float64). :func:`verify_identical` checks the identity after each
+checkpoint (:func:`pipeline_hooks` wires all of this into :func:`hessspec.runner.pipeline.run`).
 
 Failures. A rank-local failure (a truncated checkpoint, a model that does not fit) must not leave the other ranks
-waiting in a collective. Code that may fail on one rank only runs inside :func:`sync_errors`: at the end of the
-block every rank learns of every rank's error and all raise the same :class:`DistributedError`
-(``"rank 1: checkpoint ... is truncated"``). Non-finite losses or products need nothing: sums are all-reduced, so
-every rank sees the NaN. Whatever escapes (a rank dying inside a collective) is ended by ``torchrun``, which stops
-all workers when one fails, and by the process-group timeout (:data:`TIMEOUT_ENV`, default
-:data:`DEFAULT_TIMEOUT_S`).
+waiting in a collective. Code that may fail on one rank only runs inside :func:`sync_errors`: at the end of the block
+every rank learns of every rank's error and all raise the same :class:`DistributedError` (``"rank 1: checkpoint ... is
+truncated"``). Non-finite losses or products need nothing: sums are all-reduced, so every rank sees the NaN. Whatever
+escapes (a rank dying inside a collective) is ended by ``torchrun``, which stops all workers when one fails, and by the
+process-group timeout (:data:`TIMEOUT_ENV`, default :data:`DEFAULT_TIMEOUT_S`).
 
-Array jobs (many checkpoints, many tasks, one process each) are :mod:`hessspec.shards`.
+Array jobs (many checkpoints, many tasks, one process each) are :mod:`hessspec.runner.shards`.
 """
 
 from __future__ import annotations
@@ -408,7 +407,7 @@ def verify_identical(ctx: DistributedContext | None, fingerprint: str, what: str
 
 
 def pipeline_hooks(ctx: DistributedContext) -> dict[str, Any]:
-    """The data-parallel keyword arguments of :func:`hessspec.pipeline.run` for this rank.
+    """The data-parallel keyword arguments of :func:`hessspec.runner.pipeline.run` for this rank.
 
     ``all_reduce``, ``is_main`` and ``shard_batches`` from ``ctx``; ``sync`` runs a block under
     :func:`sync_errors`; ``verify`` checks after each checkpoint that every rank holds the same result

@@ -1,0 +1,1 @@
+"""Datasets (built-in, torchvision on-disk formats, factories) and how their batches reach the device."""
