@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,hf]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -27,6 +27,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check hessspec tests benchmarks scripts
 
 bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/hvp.py
 
 clean:
