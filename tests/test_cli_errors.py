@@ -173,9 +173,23 @@ def test_top_k_above_lanczos_steps(runner, ckpts, tmp_path):
 # -- output files ----------------------------------------------------------------------------------------------
 
 
-def test_output_directory_missing(runner, ckpts, tmp_path):
-    result = analyze(runner, str(ckpts), "--out", str(tmp_path / "missing" / "o.h5"))
-    assert_one_error(result, "does not exist")
+def test_missing_output_directories_are_created(runner, ckpts, tmp_path):
+    out = tmp_path / "res" / "deeper" / "o.h5"
+    result = analyze(runner, str(ckpts / "ckpt_00000.pt"), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert load_results(out).steps == (0,)
+
+
+def test_output_below_a_file_is_refused(runner, ckpts, tmp_path):
+    (tmp_path / "res").write_text("a file, not a directory")
+    result = analyze(runner, str(ckpts), "--out", str(tmp_path / "res" / "o.h5"))
+    assert_one_error(result, "is not a directory")
+
+
+def test_bad_model_leaves_no_output_directory(runner, ckpts, tmp_path):
+    result = analyze(runner, str(ckpts), "--out", str(tmp_path / "res" / "o.h5"), model=["--model", "mpl"])
+    assert_one_error(result, "unknown model")
+    assert not (tmp_path / "res").exists()
 
 
 def test_output_directory_not_writable(runner, ckpts, tmp_path, monkeypatch):
@@ -270,8 +284,20 @@ def test_plot_of_an_unknown_step(runner, small_file, tmp_path):
 def test_plot_bad_output(runner, small_file, tmp_path):
     result = runner.invoke(cli, ["plot", "overlap", str(small_file), "--out", str(tmp_path / "f.gif")])
     assert_one_error(result, ".gif", ".png")
-    result = runner.invoke(cli, ["plot", "overlap", str(small_file), "--out", str(tmp_path / "no" / "f.png")])
-    assert_one_error(result, "does not exist")
+    (tmp_path / "file").write_text("")
+    result = runner.invoke(cli, ["plot", "overlap", str(small_file), "--out", str(tmp_path / "file" / "f.png")])
+    assert_one_error(result, "is not a directory")
+
+
+def test_plot_and_export_create_missing_directories(runner, small_file, tmp_path):
+    figure = tmp_path / "figs" / "sub" / "f.png"
+    result = runner.invoke(cli, ["plot", "overlap", str(small_file), "--out", str(figure)])
+    assert result.exit_code == 0, result.output
+    assert figure.read_bytes().startswith(b"\x89PNG")
+    table = tmp_path / "tables" / "t.csv"
+    result = runner.invoke(cli, ["export", str(small_file), "--out", str(table)])
+    assert result.exit_code == 0, result.output
+    assert table.read_text().startswith("step,")
 
 
 def test_plot_evolution_unknown_rank(runner, small_file, tmp_path):
@@ -290,9 +316,10 @@ def test_info_of_an_empty_file(runner, empty_file):
     assert "checkpoints: 0" in result.stdout
 
 
-def test_export_to_a_missing_directory(runner, small_file, tmp_path):
+def test_export_below_a_file_is_refused(runner, small_file, tmp_path):
+    (tmp_path / "no").write_text("")
     result = runner.invoke(cli, ["export", str(small_file), "--out", str(tmp_path / "no" / "x.csv")])
-    assert_one_error(result, "does not exist")
+    assert_one_error(result, "is not a directory")
 
 
 def test_merge_refuses_files_with_other_settings(runner, small_file, empty_file, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 
 import pytest
 import torch
@@ -241,6 +242,46 @@ def test_progress_line_draws_bars_rate_and_eta(monkeypatch):
     quiet.start_checkpoint(0, 0)
     quiet.lanczos(1, 2)
     assert silent.getvalue() == ""
+
+
+class _TerminalStream(io.StringIO):
+    """A stream on file descriptor 97, whose terminal size the test decides."""
+
+    def fileno(self) -> int:
+        return 97
+
+
+def _draw_half_way(stream) -> ProgressLine:
+    now = [0.0]
+    progress = ProgressLine(stream, enabled=True, clock=lambda: now[0])
+    progress.begin(12)
+    progress.start_checkpoint(10, 123456)
+    now[0] = 2.0
+    progress.lanczos(45, 90)
+    return progress
+
+
+@pytest.mark.parametrize("columns", [160, 60, 40])
+def test_progress_line_fits_the_width_of_its_own_terminal(monkeypatch, columns):
+    # stdout is a terminal of 80 columns (or redirected); the progress line goes to stderr, a wider or narrower one.
+    monkeypatch.delenv("COLUMNS", raising=False)
+    real = os.get_terminal_size
+
+    def size(fd=None):
+        return os.terminal_size((columns, 24)) if fd == 97 else os.terminal_size((80, 24))
+
+    monkeypatch.setattr(os, "get_terminal_size", size)
+    stream = _TerminalStream()
+    progress = _draw_half_way(stream)
+    monkeypatch.setattr(os, "get_terminal_size", real)
+    drawn = stream.getvalue().split("\r\x1b[K")[-1]
+    full = progress.text()
+    assert len(full) > 80
+    assert len(drawn) <= columns - 1
+    if columns > len(full):
+        assert drawn == full
+    else:  # parts are dropped rather than the line cut: the counts and the ETA stay
+        assert "11/12" in drawn and "45/90" in drawn and "ETA" in drawn
 
 
 def test_progress_helpers():

@@ -75,21 +75,18 @@ def describe_error(error: BaseException) -> str:
 
 
 def writable_output(path: str, what: str = "output") -> Path:
-    """Check that ``path`` can be created: its directory exists and is writable, and it is not a directory.
+    """Check that ``path`` can be written: it is not a directory, and its directory exists and is writable or
+    can be created (:func:`hessspec._paths.output_problem`). The directory is created when the file is written.
 
     Raises:
         click.ClickException: otherwise, naming the reason.
     """
+    from hessspec._paths import output_problem
+
     target = Path(path).expanduser()
-    directory = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        msg = f"cannot write the {what} {str(target)!r}: it is a directory"
-        raise click.ClickException(msg)
-    if not directory.is_dir():
-        msg = f"cannot write the {what} {str(target)!r}: directory {str(directory)!r} does not exist"
-        raise click.ClickException(msg)
-    if not os.access(directory, os.W_OK | os.X_OK):
-        msg = f"cannot write the {what} {str(target)!r}: directory {str(directory)!r} is not writable"
+    problem = output_problem(target)
+    if problem is not None:
+        msg = f"cannot write the {what} {str(target)!r}: {problem}"
         raise click.ClickException(msg)
     return target
 

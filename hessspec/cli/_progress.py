@@ -7,6 +7,8 @@ drawn unless the stream is a terminal.
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
 import time
 from typing import TextIO
@@ -30,6 +32,25 @@ def bar(fraction: float, width: int = 20) -> str:
     """``[#####---------------]`` filled to ``fraction`` (clipped to 0..1)."""
     filled = int(round(max(0.0, min(1.0, fraction)) * width))
     return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def terminal_width(stream: TextIO, fallback: int = 100) -> int:
+    """Columns of the terminal ``stream`` is drawn on: ``$COLUMNS`` if set, else the terminal's own size.
+
+    ``shutil.get_terminal_size`` asks stdout, which is often redirected to a log while the progress line goes to
+    stderr on a terminal; the stream's own file descriptor is asked here first.
+    """
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        columns = 0
+    return columns if columns > 0 else shutil.get_terminal_size((fallback, 24)).columns
 
 
 class ProgressLine:
@@ -98,25 +119,46 @@ class ProgressLine:
         remaining = max(0, self.total - self.index - 1)
         return current_left, current_left + remaining * per_checkpoint
 
-    def text(self) -> str:
-        """The progress line as it would be drawn."""
+    def text(self, width: int | None = None) -> str:
+        """The progress line as it would be drawn, in at most ``width`` characters (None: no limit).
+
+        When the full line does not fit, the least useful parts go first: the whole run's ETA, the rate, then the
+        bars shrink; only a terminal too narrow for the essentials cuts the line.
+        """
         fraction = self.index / self.total if self.total else 0.0
-        parts = [f"checkpoint {self.index + 1}/{self.total} {bar(fraction, 8)}"]
-        if self.step is not None:
-            parts.append(f"step {self.step}")
-        if self.total_steps:
-            parts.append(f"Lanczos {bar(self.done_steps / self.total_steps, 12)} {self.done_steps}/{self.total_steps}")
-            rate = self.rate()
-            if rate > 0:
-                parts.append(f"{rate:.3g} steps/s")
-        else:
-            parts.append("gradient")
         current, overall = self.eta()
-        eta = f"ETA {format_duration(current)}"
-        if self.total > 1:
-            eta += f" (all {format_duration(overall)})"
-        parts.append(eta)
-        return "  ".join(parts)
+        rate = self.rate()
+        variants = []
+        for run_eta, show_rate, bar_width in (
+            (True, True, 12),
+            (False, True, 12),
+            (False, False, 12),
+            (False, False, 0),
+        ):
+            parts = [f"checkpoint {self.index + 1}/{self.total}" + (f" {bar(fraction, 8)}" if bar_width else "")]
+            if self.step is not None:
+                parts.append(f"step {self.step}")
+            if self.total_steps:
+                lanczos_bar = f" {bar(self.done_steps / self.total_steps, bar_width)}" if bar_width else ""
+                parts.append(f"Lanczos{lanczos_bar} {self.done_steps}/{self.total_steps}")
+                if show_rate and rate > 0:
+                    parts.append(f"{rate:.3g} steps/s")
+            else:
+                parts.append("gradient")
+            eta = f"ETA {format_duration(current)}"
+            if run_eta and self.total > 1:
+                eta += f" (all {format_duration(overall)})"
+            parts.append(eta)
+            variants.append("  ".join(parts))
+        compact = [f"{self.index + 1}/{self.total}"]
+        if self.step is not None:
+            compact.append(f"step {self.step}")
+        if self.total_steps:
+            compact.append(f"{self.done_steps}/{self.total_steps}")
+        variants.append("  ".join([*compact, f"ETA {format_duration(current)}"]))
+        if width is None:
+            return variants[0]
+        return next((line for line in variants if len(line) <= width), variants[-1][:width])
 
     # -- drawing ---------------------------------------------------------------------------------------------
     def _draw(self, force: bool = False) -> None:
@@ -126,8 +168,7 @@ class ProgressLine:
         if not force and now - self._last_draw < _REDRAW_S:
             return
         self._last_draw = now
-        width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)
-        self.stream.write("\r\x1b[K" + self.text()[:width])
+        self.stream.write("\r\x1b[K" + self.text(terminal_width(self.stream) - 1))
         self.stream.flush()
         self._shown = True
 

@@ -38,4 +38,6 @@ def export(file: str, fmt: str | None, out: str | None) -> None:
         write(run, sys.stdout)
         sys.stdout.flush()
     else:
-        write(run, target)
+        from hessspec._paths import make_parent
+
+        write(run, make_parent(target))

@@ -24,10 +24,11 @@ def merge(out: str, inputs: tuple[str, ...], label: str | None, force: bool, qui
     once; copies with different numbers are refused unless --force. OUT.h5 may already exist (it is appended to
     if its settings match). Nothing is written unless every check passes.
     """
+    from hessspec._paths import make_parent
     from hessspec.store import load_results
     from hessspec.store import merge as merge_files
 
-    writable_output(out, "merge output")
+    make_parent(writable_output(out, "merge output"))
     written = merge_files(out, inputs, force=force, label=label)
     if not quiet:
         total = len(load_results(out).checkpoints)

@@ -40,9 +40,10 @@ def _figure_path(out: str) -> Path:
 
 
 def _save(fig, path: Path) -> None:
+    from hessspec._paths import make_parent
     from hessspec.plots import save_figure
 
-    save_figure(fig, path)
+    save_figure(fig, make_parent(path))
     click.echo(f"wrote {path}")
 
 

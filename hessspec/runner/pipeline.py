@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hessspec._paths import make_parent, output_problem
 from hessspec.analysis import analyze, check_memory
 from hessspec.checkpoints import (
     apply_state_dict,
@@ -395,22 +396,16 @@ def check_output(out: str | os.PathLike[str], job: AnalysisJob, *, force: bool =
         force: accept an existing file written with other settings.
 
     Raises:
-        PipelineError: the directory is missing or not writable, or ``out`` is a directory.
+        PipelineError: the directory is not writable and cannot be created, or ``out`` is a directory.
         hessspec.store.StoreError: ``out`` exists but is not a readable hessspec file (foreign or corrupt HDF5), or
             was written with other settings and ``force`` is False.
     """
     from hessspec.store import StoreError, config_differences, load_results
 
     path = Path(os.fspath(out)).expanduser()
-    directory = path.parent
-    if path.is_dir():
-        msg = f"cannot write {str(path)!r}: it is a directory"
-        raise PipelineError(msg)
-    if not directory.is_dir():
-        msg = f"cannot write {str(path)!r}: directory {str(directory)!r} does not exist"
-        raise PipelineError(msg)
-    if not os.access(directory, os.W_OK | os.X_OK):
-        msg = f"cannot write {str(path)!r}: directory {str(directory)!r} is not writable"
+    problem = output_problem(path)
+    if problem is not None:
+        msg = f"cannot write {str(path)!r}: {problem}"
         raise PipelineError(msg)
     if not path.exists():
         return
@@ -445,9 +440,9 @@ def run(
     """Analyse checkpoints in step order into a result file, skipping those already stored with the same settings.
 
     The result file is checked first (its directory, its format, its settings), then the checkpoints are read
-    and ordered, the model built and the data loaded, and only then is the file opened for writing, so a bad
-    checkpoint, model or data spec leaves no file behind. Each result is on disk before the next checkpoint
-    starts; an interrupted run is resumed by running it again.
+    and ordered, the model built and the data loaded, and only then is the file (and its directory, when missing)
+    created or opened for writing, so a bad checkpoint, model or data spec leaves no file behind. Each result is on
+    disk before the next checkpoint starts; an interrupted run is resumed by running it again.
 
     Args:
         job: model, data and settings.
@@ -502,6 +497,7 @@ def run(
         with guard(f"opening {out}"):
             if is_main:
                 config = job.config(device=str(prepared.device), world_size=world_size)
+                make_parent(out)
                 writer = ResultWriter(out, label=job.label, config=config, force=force)
                 stored = [writer.has(c.step, c.sha256) for c in plan]
         done = [_agree(flag, all_reduce, prepared.device) for flag in stored]
