@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hessspec.linalg.lanczos import basis_bytes, lanczos, lanczos_memory_estimate
+from hessspec.linalg.lanczos import LanczosChains, basis_bytes, lanczos, lanczos_lockstep, lanczos_memory_estimate
 from hessspec.linalg.spectrum import quadrature
 from tests import reference as ref
 
@@ -136,3 +136,38 @@ def test_bad_input():
         lanczos(lambda V: V * float("inf"), _start(n, 1), 3)
     with pytest.raises(ValueError, match="returned shape"):
         lanczos(lambda V: V[:-1], _start(n, 1), 3)
+
+
+def test_lockstep_groups_equal_separate_runs_with_one_call_per_step():
+    """Groups of different dimensions and lengths share one operator call per step; each equals its own run."""
+    A1, ev1, _ = _known(60, seed=0)
+    A2, ev2, _ = _known(20, seed=5)
+    V1, V2 = _start(60, 3), _start(20, 2, seed=2)
+    calls = []
+
+    def matmat(blocks):
+        calls.append([tuple(b.shape) for b in blocks])
+        return [A1 @ blocks[0], A2 @ blocks[1]]
+
+    groups = [LanczosChains(V1, 30, keep_basis=True), LanczosChains(V2, 12, keep_basis=True)]
+    r1, r2 = lanczos_lockstep(groups, matmat)
+    assert len(calls) == 30
+    assert calls[0] == [(60, 3), (20, 2)] and calls[12] == [(60, 3), (20, 0)]
+    for res, (A, V, m) in zip([r1, r2], [(A1, V1, 30), (A2, V2, 12)], strict=True):
+        alone = lanczos(lambda V, A=A: A @ V, V, m, keep_basis=True)
+        assert torch.equal(res.alpha, alone.alpha) and torch.equal(res.beta, alone.beta)
+        assert torch.equal(res.basis, alone.basis) and torch.equal(res.residual_norms, alone.residual_norms)
+    assert r2.basis.shape == (2, 12, 20)
+
+
+def test_chains_refuse_misuse():
+    A, ev, _ = _known()
+    chains = LanczosChains(_start(len(ev), 1), 2)
+    with pytest.raises(RuntimeError, match="taken 0 of 2"):
+        chains.result()
+    chains.advance(A @ chains.current)
+    chains.advance(A @ chains.current)
+    with pytest.raises(RuntimeError, match="already taken all 2"):
+        chains.advance(A @ chains.current)
+    with pytest.raises(ValueError, match="2 blocks for 1 groups"):
+        lanczos_lockstep([LanczosChains(_start(len(ev), 1), 2)], lambda blocks: [blocks[0], blocks[0]])

@@ -2,12 +2,14 @@
 
 ``lanczos`` runs ``p`` independent Lanczos chains in lockstep: at every step one call of ``matmat`` on an
 ``[n, p]`` block advances all of them, so one pass over the data serves all probes. It takes a callable and a
-start block, never a model.
+start block, never a model. :class:`LanczosChains` is the stepping state behind it, and
+:func:`lanczos_lockstep` advances several groups of chains of different dimensions (the diagonal blocks of a
+matrix, several matrices) with one operator call per step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -106,6 +108,171 @@ def _orthogonalize(W: torch.Tensor, Q: torch.Tensor, upto: int) -> torch.Tensor:
     return Wq.to(W.device)
 
 
+class LanczosChains:
+    """The state of ``p`` Lanczos chains of one dimension ``n``, advanced one step at a time by the caller.
+
+    The caller multiplies :attr:`current` by the operator and hands the product to :meth:`advance`. This lets
+    several groups of chains of different dimensions (e.g. the diagonal blocks of one matrix) share one operator
+    call per step (:func:`lanczos_lockstep`), each group storing only its own ``[p, m, n]`` basis. The arithmetic
+    of a step is that of :func:`lanczos`, which is this class driven by one ``matmat``.
+
+    Args:
+        V0: [n, p] start vectors (normalised here); one chain per column.
+        steps: number of Lanczos steps ``m``; ``1 <= m <= n``.
+        keep_basis, basis_dtype, basis_device, reorthogonalize, generator, breakdown_tol: see :func:`lanczos`.
+
+    Raises:
+        ValueError: bad shapes, ``steps > n``, zero or non-finite start vectors.
+    """
+
+    def __init__(
+        self,
+        V0: torch.Tensor,
+        steps: int,
+        *,
+        keep_basis: bool = False,
+        basis_dtype: torch.dtype = torch.float64,
+        basis_device: torch.device | str | None = None,
+        reorthogonalize: bool = True,
+        generator: torch.Generator | None = None,
+        breakdown_tol: float = DEFAULT_BREAKDOWN_TOL,
+    ) -> None:
+        n, p = _validate(V0, steps)
+        device = V0.device
+        self.n, self.p, self.steps, self.device = n, p, steps, device
+        self.keep_basis = keep_basis
+        self.reorthogonalize = reorthogonalize
+        self.breakdown_tol = breakdown_tol
+        self._basis_dtype = basis_dtype
+        self._basis_device = torch.device(basis_device) if basis_device is not None else device
+        self._generator = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
+        store = reorthogonalize or keep_basis
+        self._Q = torch.empty((p, steps, n), dtype=basis_dtype, device=self._basis_device) if store else None
+        self._alpha = torch.zeros((p, steps), dtype=torch.float64, device=device)
+        self._beta = torch.zeros((p, max(steps - 1, 0)), dtype=torch.float64, device=device)
+        self._restarts = torch.zeros(p, dtype=torch.int64)
+        v = V0.to(torch.float64)
+        self._v = v / torch.linalg.vector_norm(v, dim=0)
+        self._v_prev = torch.zeros_like(self._v)
+        self._beta_prev = torch.zeros(p, dtype=torch.float64, device=device)
+        self._anorm = torch.zeros(p, dtype=torch.float64, device=device)
+        self._w = self._v
+        self._beta_last: torch.Tensor | None = None
+        self.step = 0  # steps taken so far
+
+    @property
+    def done(self) -> bool:
+        """Whether all ``steps`` steps have been taken."""
+        return self.step >= self.steps
+
+    @property
+    def current(self) -> torch.Tensor:
+        """The float64 [n, p] block whose product with the operator :meth:`advance` expects next."""
+        return self._v
+
+    def advance(self, W: torch.Tensor) -> None:
+        """Take one step, given ``W = A @ current``.
+
+        Raises:
+            RuntimeError: the chains are already done.
+            ValueError: ``W`` has the wrong shape.
+            FloatingPointError: ``W`` is not finite.
+        """
+        if self.done:
+            msg = f"the chains have already taken all {self.steps} steps"
+            raise RuntimeError(msg)
+        j, v, Q = self.step, self._v, self._Q
+        if Q is not None:
+            Q[:, j] = v.T.to(device=self._basis_device, dtype=self._basis_dtype)
+        if W.shape != v.shape:
+            msg = f"matmat returned shape {tuple(W.shape)} for an input of shape {tuple(v.shape)}"
+            raise ValueError(msg)
+        w = W.to(device=self.device, dtype=torch.float64)
+        if not torch.isfinite(w).all():
+            msg = f"the operator returned non-finite values at Lanczos step {j}"
+            raise FloatingPointError(msg)
+        a = (v * w).sum(dim=0)
+        w = w - a * v - self._beta_prev * self._v_prev
+        if self.reorthogonalize:
+            w = _orthogonalize(w, Q, j + 1)
+        self._alpha[:, j] = a
+        b = torch.linalg.vector_norm(w, dim=0)
+        self._anorm = torch.maximum(self._anorm, a.abs() + b + self._beta_prev)
+        self._w = w
+        self.step = j + 1
+        if self.done:
+            self._beta_last = b
+            return
+        broken = b <= self.breakdown_tol * self._anorm
+        # One host sync per step (not per batch): restart broken chains with a random orthogonal vector.
+        if bool(broken.any()):
+            fresh = torch.randn(self.n, self.p, dtype=torch.float64, device=self.device, generator=self._generator)
+            fresh = _orthogonalize(fresh, Q, j + 1)
+            fresh = fresh / torch.linalg.vector_norm(fresh, dim=0)
+            w = torch.where(broken, fresh, w)
+            b = torch.where(broken, torch.zeros_like(b), b)
+            self._restarts += broken.cpu().to(torch.int64)
+            v_next = torch.where(broken, fresh, w / torch.where(broken, torch.ones_like(b), b))
+        else:
+            v_next = w / b
+        self._beta[:, j] = b
+        self._v_prev, self._v, self._beta_prev = v, v_next, b
+
+    def result(self) -> LanczosResult:
+        """The tridiagonals (and the basis, if kept) once all steps are taken.
+
+        Raises:
+            RuntimeError: steps remain.
+        """
+        if not self.done:
+            msg = f"the chains have taken {self.step} of {self.steps} steps"
+            raise RuntimeError(msg)
+        return LanczosResult(
+            alpha=self._alpha.cpu(),
+            beta=self._beta.cpu(),
+            residual_norms=self._beta_last.cpu(),
+            restarts=self._restarts,
+            basis=self._Q if self.keep_basis else None,
+            residuals=self._w if self.keep_basis else None,
+        )
+
+
+GroupMatmat = Callable[[list[torch.Tensor]], Sequence[torch.Tensor]]
+
+
+def lanczos_lockstep(
+    groups: Sequence[LanczosChains], matmat: GroupMatmat, *, callback: Callable[[int], None] | None = None
+) -> list[LanczosResult]:
+    """Advance several groups of chains (of different dimensions and lengths) with one operator call per step.
+
+    Args:
+        groups: the chains, each group with its own dimension ``n_g``, number of chains ``p_g`` and steps ``m_g``.
+        matmat: given one float64 block per group, ``[n_g, p_g]`` for a group still running and ``[n_g, 0]`` for
+            one that has taken all its steps, returns their products (same shapes) in one call.
+        callback: called with the step index after each step.
+
+    Returns:
+        One :class:`LanczosResult` per group, in order.
+
+    Raises:
+        ValueError: ``matmat`` returned the wrong number of blocks or a wrong shape.
+        FloatingPointError: a non-finite product.
+    """
+    steps = max((g.steps for g in groups), default=0)
+    for j in range(steps):
+        blocks = [g.current if not g.done else g.current[:, :0] for g in groups]
+        products = list(matmat(blocks))
+        if len(products) != len(groups):
+            msg = f"matmat returned {len(products)} blocks for {len(groups)} groups"
+            raise ValueError(msg)
+        for group, product in zip(groups, products, strict=True):
+            if not group.done:
+                group.advance(product)
+        if callback is not None:
+            callback(j)
+    return [g.result() for g in groups]
+
+
 def lanczos(
     matmat: Matmat,
     V0: torch.Tensor,
@@ -144,67 +311,18 @@ def lanczos(
     Raises:
         ValueError: bad shapes, ``steps > n``, zero or non-finite start vectors, or a non-finite ``A @ V``.
     """
-    n, p = _validate(V0, steps)
-    device = V0.device
-    basis_device = torch.device(basis_device) if basis_device is not None else device
-    store_reorth = reorthogonalize or keep_basis
-    if generator is None:
-        generator = torch.Generator(device=device).manual_seed(0)
-
-    Q = torch.empty((p, steps, n), dtype=basis_dtype, device=basis_device) if store_reorth else None
-    alpha = torch.zeros((p, steps), dtype=torch.float64, device=device)
-    beta = torch.zeros((p, max(steps - 1, 0)), dtype=torch.float64, device=device)
-    restarts = torch.zeros(p, dtype=torch.int64)
-
-    v = V0.to(torch.float64)
-    v = v / torch.linalg.vector_norm(v, dim=0)
-    v_prev = torch.zeros_like(v)
-    beta_prev = torch.zeros(p, dtype=torch.float64, device=device)
-    anorm = torch.zeros(p, dtype=torch.float64, device=device)
-    w = v
+    chains = LanczosChains(
+        V0,
+        steps,
+        keep_basis=keep_basis,
+        basis_dtype=basis_dtype,
+        basis_device=basis_device,
+        reorthogonalize=reorthogonalize,
+        generator=generator,
+        breakdown_tol=breakdown_tol,
+    )
     for j in range(steps):
-        if Q is not None:
-            Q[:, j] = v.T.to(device=basis_device, dtype=basis_dtype)
-        w = matmat(v)
-        if w.shape != v.shape:
-            msg = f"matmat returned shape {tuple(w.shape)} for an input of shape {tuple(v.shape)}"
-            raise ValueError(msg)
-        w = w.to(torch.float64)
-        if not torch.isfinite(w).all():
-            msg = f"the operator returned non-finite values at Lanczos step {j}"
-            raise FloatingPointError(msg)
-        a = (v * w).sum(dim=0)
-        w = w - a * v - beta_prev * v_prev
-        if reorthogonalize:
-            w = _orthogonalize(w, Q, j + 1)
-        alpha[:, j] = a
-        b = torch.linalg.vector_norm(w, dim=0)
-        anorm = torch.maximum(anorm, a.abs() + b + beta_prev)
+        chains.advance(matmat(chains.current))
         if callback is not None:
             callback(j)
-        if j == steps - 1:
-            beta_last = b
-            break
-        broken = b <= breakdown_tol * anorm
-        # One host sync per step (not per batch): restart broken chains with a random orthogonal vector.
-        if bool(broken.any()):
-            fresh = torch.randn(n, p, dtype=torch.float64, device=device, generator=generator)
-            fresh = _orthogonalize(fresh, Q, j + 1)
-            fresh = fresh / torch.linalg.vector_norm(fresh, dim=0)
-            w = torch.where(broken, fresh, w)
-            b = torch.where(broken, torch.zeros_like(b), b)
-            restarts += broken.cpu().to(torch.int64)
-            v_next = torch.where(broken, fresh, w / torch.where(broken, torch.ones_like(b), b))
-        else:
-            v_next = w / b
-        beta[:, j] = b
-        v_prev, v, beta_prev = v, v_next, b
-
-    return LanczosResult(
-        alpha=alpha.cpu(),
-        beta=beta.cpu(),
-        residual_norms=beta_last.cpu(),
-        restarts=restarts,
-        basis=Q if keep_basis else None,
-        residuals=w if keep_basis else None,
-    )
+    return chains.result()
