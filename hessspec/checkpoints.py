@@ -1,4 +1,5 @@
-"""Safe loading of training checkpoints: state dicts from torch, Lightning and safetensors files.
+"""Safe loading of training checkpoints: state dicts from torch, Lightning and safetensors files, and Hugging Face
+``save_pretrained`` directories (``hessspec.checkpoint_dirs``).
 
 ``torch.load`` runs with ``weights_only=True`` unless the caller explicitly opts out (``--unsafe-load``): a
 pickle that needs arbitrary code is refused with a message naming the offending global.
@@ -18,6 +19,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from hessspec.checkpoint_dirs import FORMAT as DIRECTORY_FORMAT
+from hessspec.checkpoint_dirs import is_model_directory, read_directory
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 STEP_KEYS = ("step", "global_step", "epoch")
@@ -41,8 +45,8 @@ class LoadedCheckpoint:
         step: training step stored in the file (``step``, ``global_step`` or ``epoch``), or None.
         path: the file it came from.
         sha256: hex digest of the file's bytes.
-        format: ``"torch"``, ``"torch-module"`` (a pickled ``nn.Module``, unsafe load only), ``"lightning"`` or
-            ``"safetensors"``.
+        format: ``"torch"``, ``"torch-module"`` (a pickled ``nn.Module``, unsafe load only), ``"lightning"``,
+            ``"safetensors"`` or ``"hf-directory"``.
         dropped_keys: keys of the state dict whose values were not tensors and were dropped.
     """
 
@@ -251,6 +255,8 @@ def load_checkpoint(path: str | Path, *, unsafe: bool = False) -> LoadedCheckpoi
     if not path.exists():
         msg = f"checkpoint {str(path)!r} does not exist"
         raise CheckpointError(msg)
+    if is_model_directory(path):
+        return _load_model_directory(path)
     if not path.is_file():
         msg = f"checkpoint {str(path)!r} is not a file"
         raise CheckpointError(msg)
@@ -273,6 +279,19 @@ def load_checkpoint(path: str | Path, *, unsafe: bool = False) -> LoadedCheckpoi
         format=fmt,
         dropped_keys=dropped,
     )
+
+
+def _load_model_directory(path: Path) -> LoadedCheckpoint:
+    try:
+        state, step, sha256 = read_directory(path)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from error
+    except Exception as error:
+        # A damaged weight file raises anything from SafetensorError to UnpicklingError.
+        msg = f"checkpoint {str(path)!r} cannot be read: {_first_line(error)}"
+        raise CheckpointError(msg) from error
+    tensors, dropped = _tensors_only(path, state, None)
+    return LoadedCheckpoint(_strip_wrappers(tensors), step, str(path), sha256, DIRECTORY_FORMAT, dropped)
 
 
 def _checkpoint_stem(path: str | Path) -> str:
@@ -341,8 +360,10 @@ def _has_glob_magic(spec: str) -> bool:
 def expand_checkpoint_paths(specs: Sequence[str | Path]) -> list[Path]:
     """Expand files, directories and globs into checkpoint paths, deduplicated, in the order found.
 
-    A directory contributes its files with a checkpoint suffix (``.pt .pth .ckpt .bin .safetensors``),
-    non-recursively, sorted by name; a glob contributes the files it matches, sorted by name. Sort by step
+    A Hugging Face ``save_pretrained`` directory (``config.json`` and weights, e.g. the Trainer's
+    ``checkpoint-500/``) is one checkpoint. Another directory contributes its files with a checkpoint suffix
+    (``.pt .pth .ckpt .bin .safetensors``) and its ``save_pretrained`` sub-directories, non-recursively, sorted by
+    name; a glob contributes the files and ``save_pretrained`` directories it matches, sorted by name. Sort by step
     after loading, or with ``sort_by_step``.
 
     Args:
@@ -364,20 +385,24 @@ def expand_checkpoint_paths(specs: Sequence[str | Path]) -> list[Path]:
     for spec in specs:
         text = os.path.expanduser(str(spec))
         path = Path(text)
-        if path.is_file():
+        if path.is_file() or is_model_directory(path):
             matches = [path]
         elif path.is_dir():
             matches = sorted(
-                child for child in path.iterdir() if child.is_file() and child.suffix.lower() in CHECKPOINT_SUFFIXES
+                child
+                for child in path.iterdir()
+                if (child.is_file() and child.suffix.lower() in CHECKPOINT_SUFFIXES) or is_model_directory(child)
             )
             if not matches:
                 msg = (
                     f"directory {text!r} contains no checkpoint files (expected names ending in "
-                    f"{' '.join(CHECKPOINT_SUFFIXES)})"
+                    f"{' '.join(CHECKPOINT_SUFFIXES)}, or save_pretrained directories)"
                 )
                 raise CheckpointError(msg)
         elif _has_glob_magic(text):
-            matches = sorted(Path(match) for match in glob.glob(text) if Path(match).is_file())
+            matches = sorted(
+                Path(match) for match in glob.glob(text) if Path(match).is_file() or is_model_directory(match)
+            )
             if not matches:
                 msg = f"checkpoint pattern {text!r} matches no files"
                 raise CheckpointError(msg)
@@ -430,10 +455,25 @@ def _prefix_hint(missing: Sequence[str], unexpected: Sequence[str]) -> str:
     return ""
 
 
+def _with_tied_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    # A parameter shared under several names (a language model's output layer tied to its input embedding) is saved
+    # once by save_pretrained and safetensors' save_model; the other names take the saved tensor.
+    aliases: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    missing = {}
+    for names in aliases.values():
+        present = [name for name in names if name in state_dict]
+        if present:
+            missing.update({name: state_dict[present[0]] for name in names if name not in state_dict})
+    return {**state_dict, **missing} if missing else state_dict
+
+
 def apply_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Load a state dict into a model strictly, after checking keys, shapes and finiteness.
 
-    Nothing is written to the model unless every check passes.
+    Nothing is written to the model unless every check passes. A parameter the model shares under several names
+    (tied weights) may be given under any one of them.
 
     Args:
         model: the model, modified in place.
@@ -443,6 +483,7 @@ def apply_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
         CheckpointError: naming the first few missing or unexpected keys, the keys whose shapes differ (with
             both shapes), or the first tensor holding NaN or Inf.
     """
+    state_dict = _with_tied_weights(model, state_dict)
     expected = model.state_dict()
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]

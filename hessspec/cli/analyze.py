@@ -40,6 +40,12 @@ class _AnalyzeCommand(click.Command):
             rows = list(describe_models().items())
             rows += [
                 ("tv:NAME", "a torchvision model, built without pretrained weights"),
+                ("timm:NAME", "a timm model, built without pretrained weights (needs hessspec[hf])"),
+                (
+                    "hf:DIR",
+                    "a Hugging Face model saved with save_pretrained, loaded offline, never running code from DIR "
+                    "(needs hessspec[hf]); its head sets the default loss",
+                ),
                 ("MODULE:FUNCTION", "your factory, importable from the current directory, or FILE.py:FUNCTION"),
             ]
             formatter.write_dl(rows)
@@ -47,8 +53,12 @@ class _AnalyzeCommand(click.Command):
             formatter.write_text(", ".join(available_datasets()))
             formatter.write_paragraph()
             formatter.write_text(
-                "ROOT is a directory in torchvision's layout; nothing is downloaded. Only 'synthetic' and factories "
-                "take --data-arg (synthetic: shape, num_classes, size, data_seed)."
+                "ROOT is a directory in torchvision's layout; nothing is downloaded. --data-arg is taken by "
+                "synthetic (shape, num_classes, size, data_seed), text (seq_len: tokens per sequence, default 128; "
+                "tokenizer: a directory, default the hf:DIR model's), tokens (pad_id) and factories. text:FILE is a "
+                "UTF-8 text cut into sequences, tokens:FILE an integer array [N, T] (.npy or .pt); --samples counts "
+                "sequences. Attention of hf: and timm: models runs eager unless --model-arg "
+                "attn_implementation=sdpa."
             )
         with formatter.section("Several processes"):
             formatter.write_text(

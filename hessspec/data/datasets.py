@@ -8,6 +8,8 @@ Specs accepted by ``load_dataset``:
     ``fashion-mnist:ROOT``     ROOT/FashionMNIST/raw/... likewise.
     ``imagefolder:ROOT``       ROOT/<class>/<image> (torchvision ImageFolder), resized and center-cropped.
     ``synthetic``              seeded Gaussian inputs labelled by a fixed random linear teacher.
+    ``text:FILE``              a UTF-8 text tokenised into sequences of ``seq_len`` tokens (``hessspec.data.text``).
+    ``tokens:FILE``            a pre-tokenised integer array [N, T], ``.npy`` or ``.pt``.
     ``module:function``        a user factory returning a map-style Dataset of (input, label) pairs.
 
 Nothing is ever downloaded.
@@ -51,7 +53,7 @@ def available_datasets() -> list[str]:
     Returns:
         E.g. ``["digits", "cifar10:ROOT", ..., "module:function"]``.
     """
-    return ["digits", *(f"{name}:ROOT" for name in _ROOTED), "synthetic", "module:function"]
+    return ["digits", *(f"{name}:ROOT" for name in _ROOTED), "synthetic", "text:FILE", "tokens:FILE", "module:function"]
 
 
 # ---------------------------------------------------------------------------------------------------- digits
@@ -387,8 +389,10 @@ def load_dataset(
         seed: seed of that permutation.
         image_size: ``imagefolder`` only: resize the shorter side to this and center-crop a square; None keeps
             the images as they are (they must then all have the same size).
-        **kwargs: arguments of ``synthetic`` (``shape``, ``num_classes``, ``size``, ``data_seed``) or of a
-            ``module:function`` factory; other specs take none.
+        **kwargs: arguments of ``synthetic`` (``shape``, ``num_classes``, ``size``, ``data_seed``), of ``text``
+            (``tokenizer``: a directory, ``seq_len``: tokens per sequence, default 128), of ``tokens``
+            (``pad_id``) or of a ``module:function`` factory; other specs take none. With ``text`` and ``tokens``,
+            ``samples`` counts sequences.
 
     Returns:
         A map-style dataset of (input, label) pairs.
@@ -435,10 +439,36 @@ def load_dataset(
             index = subset_indices(len(labels_t), samples, seed)
             return TensorDataset(_normalise_uint8(images_u8[index], mean, std), labels_t[index])
         return _subset(_image_folder(root, image_size), samples, seed)
+    if kind in ("text", "tokens") and has_colon:
+        return _subset(_token_sequences(kind, root, kwargs), samples, seed)
     if has_colon:
         return _subset(_from_factory(spec, kwargs), samples, seed)
     msg = f"unknown dataset {spec!r}; expected one of {', '.join(available_datasets())}"
     raise DatasetError(msg)
+
+
+_TEXT_ARGUMENTS = {"text": ("tokenizer", "seq_len"), "tokens": ("pad_id",)}
+
+
+def _token_sequences(kind: str, file: str, kwargs: dict[str, Any]) -> Dataset:
+    from hessspec.data import text
+
+    if not file.strip():
+        msg = f"dataset {kind!r} needs a file: expected '{kind}:FILE'"
+        raise DatasetError(msg)
+    unexpected = sorted(set(kwargs) - set(_TEXT_ARGUMENTS[kind]))
+    if unexpected:
+        msg = f"{kind}:FILE takes {', '.join(_TEXT_ARGUMENTS[kind])}; got {', '.join(unexpected)}"
+        raise DatasetError(msg)
+    try:
+        if kind == "tokens":
+            return text.tokens_dataset(file, **kwargs)
+        if "tokenizer" not in kwargs:
+            msg = "text:FILE needs a tokenizer: load the model with --model hf:DIR, or pass --data-arg tokenizer=DIR"
+            raise DatasetError(msg)
+        return text.text_dataset(file, **kwargs)
+    except text.TextDataError as error:
+        raise DatasetError(str(error)) from error
 
 
 def _subset(dataset: Dataset, samples: int | None, seed: int) -> Dataset:

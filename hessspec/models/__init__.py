@@ -6,6 +6,8 @@ Names:
     ``cifar-resnet{20,32,44,56,110}`` and their ``-nobn`` variants: the CIFAR ResNets of He et al. (2016),
         with and without BatchNorm as compared by Ghorbani et al. (2019).
     ``tv:NAME``: ``torchvision.models.get_model(NAME, weights=None, **kwargs)``, never downloading weights.
+    ``timm:NAME``: ``timm.create_model(NAME, pretrained=False, **kwargs)`` (``hessspec.models.timm_models``).
+    ``hf:DIR``: a Hugging Face model saved with ``save_pretrained``, loaded offline (``hessspec.models.hf``).
     ``module:function``: a user factory called with the keyword arguments; it must return an ``nn.Module``.
 """
 
@@ -17,8 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
+from hessspec.models._errors import ModelError, UnknownModelError
 from hessspec.models.cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet
 from hessspec.models.factory import FactoryError, load_factory
 from hessspec.models.mlp import MLP, SmallCNN
@@ -29,17 +33,10 @@ __all__ = [
     "UnknownModelError",
     "available_models",
     "build_model",
+    "default_loss",
     "load_factory",
     "parse_model_args",
 ]
-
-
-class ModelError(ValueError):
-    """A model could not be built from the given name and arguments."""
-
-
-class UnknownModelError(ModelError):
-    """The model name is neither in the zoo nor a ``tv:NAME`` / ``module:function`` spec."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +95,8 @@ def _unknown_model_message(name: str) -> str:
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return (
         f"unknown model {name!r}{hint}; expected one of {', '.join(available_models())}, "
-        "or 'tv:NAME' for a torchvision model, or 'module:function' for your own factory"
+        "or 'tv:NAME' (torchvision), 'timm:NAME' (timm), 'hf:DIR' (a Hugging Face directory), or "
+        "'module:function' for your own factory"
     )
 
 
@@ -164,15 +162,18 @@ def _build_from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a freshly initialised model (CPU, float32, train mode).
+def build_model(name: str, *, dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
+    """Build a freshly initialised model (CPU, float32, train mode), or load a Hugging Face directory.
 
     Args:
-        name: a zoo name (see ``available_models()``), ``"tv:NAME"`` or ``"module:function"``.
-        **kwargs: constructor arguments, e.g. ``num_classes=100`` or ``width=32``.
+        name: a zoo name (see ``available_models()``), ``"tv:NAME"``, ``"timm:NAME"``, ``"hf:DIR"`` or
+            ``"module:function"``.
+        dtype: the parameters' floating dtype (default float32); an ``hf:DIR`` model is loaded in it directly.
+        **kwargs: constructor arguments, e.g. ``num_classes=100`` or ``width=32``; for ``hf:DIR`` only
+            ``attn_implementation`` (``"eager"``, default, or ``"sdpa"``).
 
     Returns:
-        The model.
+        The model (an ``hf:DIR`` model in eval mode, returning logits: see :mod:`hessspec.models.hf`).
 
     Raises:
         UnknownModelError: if the name is not known.
@@ -183,13 +184,40 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
         msg = f"expected a model name (a non-empty string), got {name!r}"
         raise UnknownModelError(msg)
     name = name.strip()
+    if name.startswith("hf:"):
+        from hessspec.models import hf
+
+        return hf.load_model(name[len(hf.PREFIX) :], dtype=dtype or torch.float32, **kwargs)
     if name.startswith("tv:"):
-        return _build_torchvision(name[3:], kwargs)
-    if ":" in name:
-        return _build_from_factory(name, kwargs)
-    if name not in _ZOO:
+        model = _build_torchvision(name[3:], kwargs)
+    elif name.startswith("timm:"):
+        from hessspec.models import timm_models
+
+        model = timm_models.build(name[len(timm_models.PREFIX) :], kwargs)
+    elif ":" in name:
+        model = _build_from_factory(name, kwargs)
+    elif name not in _ZOO:
         raise UnknownModelError(_unknown_model_message(name))
-    return _build_zoo(name, kwargs)
+    else:
+        model = _build_zoo(name, kwargs)
+    return model if dtype is None else model.to(dtype)
+
+
+def default_loss(model: nn.Module) -> str:
+    """The loss a model is analysed with when none is given: its head's for a Hugging Face model, else cross-entropy.
+
+    Args:
+        model: a built model.
+
+    Returns:
+        A ``--loss`` name: ``"lm"``, ``"mse"`` or ``"cross-entropy"`` (see :func:`hessspec.models.hf.default_loss`).
+
+    Raises:
+        ModelError: a Hugging Face head without a default (e.g. multi-label classification).
+    """
+    from hessspec.models import hf
+
+    return hf.default_loss(model) if hf.is_adapted(model) else "cross-entropy"
 
 
 def _parse_value(text: str) -> Any:

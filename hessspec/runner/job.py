@@ -29,9 +29,11 @@ class AnalysisJob:
     """What to analyse and how: the model, the data and the settings, as a user names them.
 
     Attributes:
-        model: a zoo name, ``tv:NAME`` or ``module:function`` (see :func:`hessspec.models.build_model`).
+        model: a zoo name, ``tv:NAME``, ``timm:NAME``, ``hf:DIR`` or ``module:function`` (see
+            :func:`hessspec.models.build_model`).
         data: a dataset spec such as ``digits`` or ``cifar10:ROOT`` (see :func:`hessspec.data.datasets.load_dataset`).
-        model_args: keyword arguments of the model. For a zoo model ``num_classes`` defaults to the dataset's.
+        model_args: keyword arguments of the model. For a zoo or timm model ``num_classes`` defaults to the
+            dataset's; for ``hf:`` and ``timm:`` models ``attn_implementation`` defaults to ``"eager"``.
         data_args: keyword arguments of ``synthetic`` or a data factory.
         samples: analyse this many examples (a seeded subset, see ``--samples``), or None for all.
         batch_size: examples per batch (BN train mode normalises with each batch's statistics: use the training
@@ -63,17 +65,23 @@ class AnalysisJob:
     label: str | None = None
 
     def effective_model_args(self) -> dict[str, Any]:
-        """The model's keyword arguments, with ``num_classes`` of the dataset added for zoo models.
+        """The model's keyword arguments, with the defaults that depend on the data or on the model kind.
 
         Returns:
-            ``model_args`` plus ``num_classes`` when the model is a zoo model, the user did not give it, and the
-            dataset's number of classes is known (``datasets.NUM_CLASSES``, or ``num_classes`` of ``synthetic``).
+            ``model_args`` plus ``num_classes`` when the model is a zoo or ``timm:`` model, the user did not give
+            it, and the dataset's number of classes is known (``datasets.NUM_CLASSES``, or ``num_classes`` of
+            ``synthetic``); plus ``attn_implementation="eager"`` for ``hf:`` and ``timm:`` models unless given,
+            so the attention path is recorded with the results.
         """
         from hessspec.data.datasets import NUM_CLASSES
         from hessspec.models import available_models
 
         arguments = dict(self.model_args)
-        if "num_classes" in arguments or self.model.strip() not in available_models():
+        model = self.model.strip()
+        if model.startswith(("hf:", "timm:")):
+            arguments.setdefault("attn_implementation", "eager")
+        gets_classes = model in available_models() or model.startswith("timm:")
+        if "num_classes" in arguments or not gets_classes:
             return arguments
         kind = self.data.strip().partition(":")[0].lower()
         if kind == "synthetic" and ":" not in self.data:
@@ -82,6 +90,19 @@ class AnalysisJob:
             classes = NUM_CLASSES.get(kind)
         if classes is not None:
             arguments["num_classes"] = classes
+        return arguments
+
+    def effective_data_args(self) -> dict[str, Any]:
+        """The dataset's keyword arguments, with the tokenizer of an ``hf:DIR`` model for ``text:FILE`` data.
+
+        Returns:
+            ``data_args`` plus ``tokenizer=DIR`` when the data is ``text:FILE``, the model is ``hf:DIR`` and the
+            user gave no tokenizer. (Not part of :meth:`config`: the model's directory is recorded already.)
+        """
+        arguments = dict(self.data_args)
+        model = self.model.strip()
+        if self.data.strip().lower().startswith("text:") and model.startswith("hf:"):
+            arguments.setdefault("tokenizer", model[len("hf:") :])
         return arguments
 
     def config(self, device: str | None = None, world_size: int = 1) -> dict[str, Any]:

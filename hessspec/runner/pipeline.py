@@ -156,12 +156,14 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
     dtype = parse_dtype(job.dtype)
     device = resolve_device(job.device)
     selector = parameter_filter(job.params)
-    model = build_model(job.model, **job.effective_model_args())
+    # A Hugging Face directory is loaded in the analysis dtype directly, so float64 weights keep every digit.
+    model_dtype = dtype if job.model.strip().startswith("hf:") else None
+    model = build_model(job.model, dtype=model_dtype, **job.effective_model_args())
     if next(iter(model.parameters()), None) is None:
         msg = f"model {job.model!r} has no parameters"
         raise PipelineError(msg)
     model = model.to(device)
-    dataset = load_dataset(job.data, samples=job.samples, seed=job.settings.seed, **job.data_args)
+    dataset = load_dataset(job.data, samples=job.samples, seed=job.settings.seed, **job.effective_data_args())
     batches = materialize(dataset, job.batch_size, device, dtype)
     _check_model_fits_data(model, batches, job)
     total_examples, total_batches = sum(len(x) for x, _ in batches), len(batches)
