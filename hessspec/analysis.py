@@ -4,21 +4,32 @@
 Rademacher probes (plus, in the same passes over the data, one chain started from the gradient), and derives the
 top eigenpairs, the gradient overlap and the trace. Defaults follow Ghorbani, Krishnan & Xiao (2019, Sec. 2):
 90 Lanczos steps, 10 probes, full reorthogonalisation in float64.
+
+``analyze_many(operator, settings)`` does this for several curvatures (the Hessian and its Gauss-Newton family,
+:mod:`hessspec.curvature.gauss_newton`) and for the diagonal blocks of each (:mod:`hessspec.curvature.blocks`), all
+in the same passes over the data: every (curvature, block) has its own Lanczos chains, all advanced in lockstep
+(:func:`hessspec.linalg.lanczos.lanczos_lockstep`), and each Lanczos step is one pass over the data whatever the
+number of curvatures and blocks. The whole-model result of a curvature does not change (bitwise, under the
+"reverse" product strategy; to rounding under "vmap") when blocks or other curvatures are analysed alongside: its
+probes, its chains and its columns' products are the same.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
 
+from hessspec.curvature.blocks import WHOLE, Block, block_probes, check_block_specs, resolve_blocks, restart_generator
+from hessspec.curvature.gauss_newton import check_curvature
 from hessspec.curvature.hessian import HessianOperator
 from hessspec.linalg import spectrum
-from hessspec.linalg.lanczos import lanczos, lanczos_memory_estimate
+from hessspec.linalg.lanczos import LanczosChains, LanczosResult, lanczos_lockstep, lanczos_memory_estimate
 from hessspec.linalg.overlap import gradient_overlap, ritz_pairs
 from hessspec.results import CheckpointResult
 
@@ -38,8 +49,14 @@ class AnalysisSettings:
         seed: seed of the probe generator (a CPU ``torch.Generator``, so probes are the same on every device).
         basis_dtype: "float64" or "float32" storage of the Lanczos bases.
         basis_device: where the bases live ("same" as the model, or "cpu").
-        gradient_crosscheck: also run a Lanczos chain from the gradient (in the same data passes).
+        gradient_crosscheck: also run a Lanczos chain from the gradient (in the same data passes), for the
+            whole-model Hessian (the other curvatures and the blocks have no such chain: their overlap comes from
+            their Ritz vectors alone).
         determinism_check: compute the gradient twice and require the same result.
+        curvatures: the matrices analysed (:data:`hessspec.curvature.gauss_newton.CURVATURES`), the Hessian by
+            default; all share the data passes (see :func:`analyze_many`).
+        blocks: block specs (:mod:`hessspec.curvature.blocks`): each curvature is also analysed on the diagonal
+            block of each named group of parameters, in the same data passes. Empty for the whole model only.
     """
 
     lanczos_steps: int = DEFAULT_LANCZOS_STEPS
@@ -50,9 +67,31 @@ class AnalysisSettings:
     basis_device: str = "same"
     gradient_crosscheck: bool = True
     determinism_check: bool = True
+    curvatures: tuple[str, ...] = ("hessian",)
+    blocks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        curvatures = (self.curvatures,) if isinstance(self.curvatures, str) else tuple(self.curvatures)
+        blocks = (self.blocks,) if isinstance(self.blocks, str) else tuple(self.blocks)
+        object.__setattr__(self, "curvatures", curvatures)
+        object.__setattr__(self, "blocks", blocks)
+
+    def check(self) -> None:
+        """Raise ValueError for unknown or repeated curvatures and malformed block specs (before any model exists)."""
+        if not self.curvatures:
+            msg = "at least one curvature is needed"
+            raise ValueError(msg)
+        for name in self.curvatures:
+            check_curvature(name)
+        if len(set(self.curvatures)) != len(self.curvatures):
+            msg = f"a curvature is named twice in {list(self.curvatures)}"
+            raise ValueError(msg)
+        check_block_specs(self.blocks)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out["curvatures"], out["blocks"] = list(self.curvatures), list(self.blocks)
+        return out
 
 
 def rademacher_probes(n: int, p: int, seed: int) -> torch.Tensor:
@@ -84,56 +123,62 @@ def _available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(n: int, settings: AnalysisSettings, chains: int, device: torch.device) -> dict[str, int]:
+def check_memory(
+    n: int, settings: AnalysisSettings, chains: int, device: torch.device, *, block_sizes: Sequence[int] = ()
+) -> dict[str, int]:
     """Estimate the Lanczos memory and refuse, with advice, when it cannot fit where it would live.
+
+    Args:
+        n: parameters of the whole model.
+        settings: the analysis settings (steps, basis dtype and device, the number of curvatures).
+        chains: chains of the whole-model Hessian (probes plus the gradient chain).
+        device: where the products run.
+        block_sizes: the dimensions of the blocks analysed besides the whole model.
 
     Raises:
         MemoryError: the bases do not fit in the free memory of their device.
     """
     dtype = torch.float64 if settings.basis_dtype == "float64" else torch.float32
-    est = lanczos_memory_estimate(n, settings.lanczos_steps, chains, dtype)
+    m, p = settings.lanczos_steps, settings.probes
+    curvatures = max(1, len(settings.curvatures))
+    # n * m * chains for the whole Hessian; each other curvature n * m * p; each block n_b * min(m, n_b) * p.
+    elements = n * m * chains + (curvatures - 1) * n * m * p + curvatures * sum(b * min(m, b) * p for b in block_sizes)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    est = lanczos_memory_estimate(n, m, chains, dtype)
+    est["basis"] = int(elements) * itemsize
+    columns = chains + (curvatures - 1) * p + curvatures * len(block_sizes) * p
+    est["work"] = 6 * int(n) * columns * 8
     basis_dev = device if settings.basis_device == "same" else torch.device(settings.basis_device)
     free = _available_bytes(basis_dev)
     need = est["basis"] + (est["work"] if basis_dev == device else 0)
     if free is not None and need > 0.9 * free:
+        what = f"{n} parameters x {m} steps x {chains} chains"
+        if curvatures > 1 or block_sizes:
+            what += f", {curvatures} curvature(s), {len(block_sizes)} block(s)"
         msg = (
-            f"the Lanczos bases need {need / 2**30:.2f} GiB ({n} parameters x {settings.lanczos_steps} steps x "
-            f"{chains} chains x {torch.empty((), dtype=dtype).element_size()} bytes) but {basis_dev} has "
-            f"{free / 2**30:.2f} GiB free; use a float32 basis, keep it on the host (cpu), or fewer probes/steps"
+            f"the Lanczos bases need {need / 2**30:.2f} GiB ({what} x {itemsize} bytes) but {basis_dev} has "
+            f"{free / 2**30:.2f} GiB free; use a float32 basis, keep it on the host (cpu), or fewer "
+            "probes/steps/curvatures/blocks"
         )
         raise MemoryError(msg)
     return est
 
 
-def analyze(
-    operator: HessianOperator,
-    settings: AnalysisSettings | None = None,
-    *,
-    step: int = 0,
-    source: str = "",
-    sha256: str = "",
-    model_name: str = "",
-    progress: Callable[[int, int], None] | None = None,
-) -> CheckpointResult:
-    """Analyse the Hessian of one checkpoint.
+@dataclass
+class _Group:
+    # The Lanczos chains of one (curvature, block): ``block`` None for the whole model.
+    curvature: str
+    block: Block | None
+    chains: LanczosChains
+    probes: int
+    gradient_chain: bool
 
-    Args:
-        operator: the full-data Hessian.
-        settings: :class:`AnalysisSettings` (defaults: the paper's).
-        step, source, sha256, model_name: metadata copied into the result.
-        progress: called as ``progress(done, total)`` after each Lanczos step.
+    @property
+    def name(self) -> str:
+        return WHOLE if self.block is None else self.block.name
 
-    Returns:
-        :class:`hessspec.results.CheckpointResult`.
 
-    Raises:
-        ValueError: settings out of range (``lanczos_steps > n``, ``probes < 1``, ``top_k > lanczos_steps``).
-        FloatingPointError: non-finite loss, gradient or Hessian product.
-        DeterminismError: two passes over the data differ.
-        MemoryError: the Lanczos bases cannot fit.
-    """
-    settings = settings or AnalysisSettings()
-    n = operator.n
+def _check_settings(settings: AnalysisSettings, n: int) -> None:
     if settings.probes < 1:
         msg = f"probes must be at least 1; got {settings.probes}"
         raise ValueError(msg)
@@ -146,8 +191,90 @@ def analyze(
     if settings.basis_dtype not in ("float64", "float32"):
         msg = f"basis_dtype must be float64 or float32; got {settings.basis_dtype!r}"
         raise ValueError(msg)
+    settings.check()
+
+
+def operator_blocks(operator: HessianOperator, settings: AnalysisSettings) -> list[Block]:
+    """The blocks named by ``settings.blocks`` over the operator's parameters.
+
+    Raises:
+        hessspec.curvature.blocks.BlockError: see :func:`hessspec.curvature.blocks.resolve_blocks`.
+    """
+    if not settings.blocks:
+        return []
+    return resolve_blocks(settings.blocks, operator.param_names, operator._numels)
+
+
+def analyze(operator: HessianOperator, settings: AnalysisSettings | None = None, **metadata: Any) -> CheckpointResult:
+    """Analyse the Hessian (or the one curvature the settings name) of one checkpoint, on the whole model.
+
+    Args:
+        operator: the full-data Hessian (a :class:`~hessspec.curvature.gauss_newton.CurvatureOperator` for another
+            curvature).
+        settings: :class:`AnalysisSettings` (defaults: the paper's) naming one curvature and no blocks.
+        **metadata: ``step``, ``source``, ``sha256``, ``model_name`` (copied into the result) and ``progress``
+            (called as ``progress(done, total)`` after each Lanczos step), as for :func:`analyze_many`.
+
+    Returns:
+        :class:`hessspec.results.CheckpointResult`.
+
+    Raises:
+        ValueError: settings out of range (``lanczos_steps > n``, ``probes < 1``, ``top_k > lanczos_steps``), or
+            several curvatures or blocks (use :func:`analyze_many`).
+        FloatingPointError: non-finite loss, gradient or Hessian product.
+        DeterminismError: two passes over the data differ.
+        MemoryError: the Lanczos bases cannot fit.
+    """
+    settings = settings or AnalysisSettings()
+    if len(settings.curvatures) != 1 or settings.blocks:
+        msg = "analyze gives one result: for several curvatures or blocks use analyze_many"
+        raise ValueError(msg)
+    return analyze_many(operator, settings, **metadata)[0]
+
+
+def analyze_many(
+    operator: HessianOperator,
+    settings: AnalysisSettings | None = None,
+    *,
+    step: int = 0,
+    source: str = "",
+    sha256: str = "",
+    model_name: str = "",
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[CheckpointResult, ...]:
+    """Analyse each curvature of ``settings.curvatures``, on the whole model and on each block, in shared passes.
+
+    Every (curvature, block) gets ``settings.probes`` Lanczos chains of ``min(lanczos_steps, n_block)`` steps;
+    all chains advance in lockstep, one pass over the data per step (:func:`analyze` documents the whole-model
+    analysis, unchanged). A block's probes depend on (seed, block name, probe index) only; the whole model's on
+    the seed only, the same for every curvature. The overlap of a block is that of the block's part of the
+    gradient with the block's top Ritz vectors.
+
+    Args:
+        operator: a :class:`~hessspec.curvature.gauss_newton.CurvatureOperator` (a plain
+            :class:`~hessspec.curvature.hessian.HessianOperator` serves the Hessian alone).
+        settings: :class:`AnalysisSettings`.
+        step, source, sha256, model_name: metadata copied into the results.
+        progress: called as ``progress(done, total)`` after each Lanczos step.
+
+    Returns:
+        One :class:`~hessspec.results.CheckpointResult` per (curvature, block): for each curvature in the order
+        given, the whole model ("all") first, then the blocks in the order of their specs.
+
+    Raises:
+        ValueError: bad settings, a curvature the operator cannot compute.
+        hessspec.curvature.blocks.BlockError: bad block specs for this model.
+        FloatingPointError, DeterminismError, MemoryError: as for :func:`analyze`.
+    """
+    settings = settings or AnalysisSettings()
+    n = operator.n
+    _check_settings(settings, n)
+    if set(settings.curvatures) - {"hessian"} and not hasattr(operator, "products"):
+        msg = f"curvatures {list(settings.curvatures)} need a CurvatureOperator; got {type(operator).__name__}"
+        raise ValueError(msg)
+    blocks = operator_blocks(operator, settings)
     chains = settings.probes + int(settings.gradient_crosscheck)
-    check_memory(n, settings, chains, operator.device)
+    check_memory(n, settings, chains, operator.device, block_sizes=[b.n for b in blocks])
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -155,59 +282,127 @@ def analyze(
     timings["gradient"] = time.perf_counter() - start
     if settings.determinism_check:
         operator.check_determinism(g)
+    if hasattr(operator, "remember_gradient"):
+        operator.remember_gradient(g)
     grad_norm = float(torch.linalg.vector_norm(g))
 
-    V0 = rademacher_probes(n, settings.probes, settings.seed).to(operator.device)
-    use_grad_chain = settings.gradient_crosscheck and grad_norm > 0
-    if use_grad_chain:
-        V0 = torch.cat([V0, (g / grad_norm).unsqueeze(1)], dim=1)
-
+    groups = _plan(operator, settings, blocks, g, grad_norm)
     hvp_time = [0.0]
-
-    def matmat(V: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        out = operator.matmat(V)
-        if out.is_cuda:
-            torch.cuda.synchronize(out.device)
-        hvp_time[0] += time.perf_counter() - t0
-        return out
+    matmat = _group_matmat(operator, groups, hvp_time)
 
     def callback(j: int) -> None:
         if progress is not None:
             progress(j + 1, settings.lanczos_steps)
 
     t0 = time.perf_counter()
-    basis_device = None if settings.basis_device == "same" else settings.basis_device
-    result = lanczos(
-        matmat,
-        V0,
-        settings.lanczos_steps,
-        keep_basis=True,
-        basis_dtype=torch.float64 if settings.basis_dtype == "float64" else torch.float32,
-        basis_device=basis_device,
-        generator=torch.Generator(device=operator.device).manual_seed(settings.seed + 1),
-        callback=callback,
-    )
+    runs = lanczos_lockstep([group.chains for group in groups], matmat, callback=callback)
     timings["lanczos"] = time.perf_counter() - t0
     timings["hvp"] = hvp_time[0]
 
-    quad = spectrum.quadrature(result.alpha.numpy(), result.beta.numpy())
-    nodes, weights = quad.nodes[: settings.probes], quad.weights[: settings.probes]
-    trace, trace_stderr = spectrum.trace_estimate(nodes, weights, n)
+    meta = {
+        "loss": float(loss),
+        "n_samples": operator.num_examples,
+        "bn_mode": operator.bn_mode,
+        "dtype": str(operator.dtype).removeprefix("torch."),
+        "device": str(operator.device),
+        "seed": settings.seed,
+        "probes": settings.probes,
+        "source": source,
+        "sha256": sha256,
+        "model": model_name,
+        "timings": timings,
+        "settings": _recorded_settings(settings, operator),
+    }
+    results = [_result(group, run, g, int(step), settings, meta) for group, run in zip(groups, runs, strict=True)]
+    elapsed = time.perf_counter() - start
+    return tuple(replace(r, elapsed_s=elapsed) for r in results)
 
-    ritz = ritz_pairs(result, settings.top_k, chain=0)
+
+def _plan(
+    operator: HessianOperator, settings: AnalysisSettings, blocks: list[Block], g: torch.Tensor, grad_norm: float
+) -> list[_Group]:
+    n, device = operator.n, operator.device
+    basis = {
+        "keep_basis": True,
+        "basis_dtype": torch.float64 if settings.basis_dtype == "float64" else torch.float32,
+        "basis_device": None if settings.basis_device == "same" else settings.basis_device,
+    }
+    probes = rademacher_probes(n, settings.probes, settings.seed).to(device)
+    groups = []
+    for curvature in settings.curvatures:
+        V0 = probes
+        gradient_chain = curvature == "hessian" and settings.gradient_crosscheck and grad_norm > 0
+        if gradient_chain:
+            V0 = torch.cat([V0, (g / grad_norm).unsqueeze(1)], dim=1)
+        generator = torch.Generator(device=device).manual_seed(settings.seed + 1)
+        chains = LanczosChains(V0, settings.lanczos_steps, generator=generator, **basis)
+        groups.append(_Group(curvature, None, chains, settings.probes, gradient_chain))
+        for block in blocks:
+            V0 = block_probes(block.n, settings.probes, settings.seed, block.name).to(device)
+            generator = restart_generator(settings.seed, block.name, device)
+            chains = LanczosChains(V0, min(settings.lanczos_steps, block.n), generator=generator, **basis)
+            groups.append(_Group(curvature, block, chains, settings.probes, False))
+    return groups
+
+
+def _group_matmat(
+    operator: HessianOperator, groups: list[_Group], hvp_time: list[float]
+) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    # One call of the operator per Lanczos step: per curvature, the whole model's columns, then each block's
+    # columns embedded (zero-padded) into the whole parameter vector; the products' block rows are returned.
+    n = operator.n
+    curvatures = list(dict.fromkeys(group.curvature for group in groups))
+
+    def matmat(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        columns, layout = {}, []
+        for curvature in curvatures:
+            parts, start = [], 0
+            for i, group in enumerate(groups):
+                if group.curvature != curvature:
+                    continue
+                V = blocks[i]
+                parts.append(V if group.block is None else group.block.embed(V, n))
+                layout.append((i, curvature, start, V.shape[1]))
+                start += V.shape[1]
+            columns[curvature] = torch.cat(parts, dim=1)
+        if hasattr(operator, "products"):
+            products = operator.products(columns)
+        else:
+            products = {"hessian": operator.matmat(columns["hessian"])}
+        out: list[torch.Tensor] = [None] * len(groups)  # type: ignore[list-item]
+        for i, curvature, start, width in layout:
+            W = products[curvature][:, start : start + width]
+            out[i] = W if groups[i].block is None else groups[i].block.restrict(W)
+        if any(t.is_cuda for t in out):
+            torch.cuda.synchronize(out[0].device)
+        hvp_time[0] += time.perf_counter() - t0
+        return out
+
+    return matmat
+
+
+def _result(
+    group: _Group, run: LanczosResult, g: torch.Tensor, step: int, settings: AnalysisSettings, meta: dict
+) -> CheckpointResult:
+    quad = spectrum.quadrature(run.alpha.numpy(), run.beta.numpy())
+    p = group.probes
+    nodes, weights = quad.nodes[:p], quad.weights[:p]
+    n = group.chains.n
+    trace, trace_stderr = spectrum.trace_estimate(nodes, weights, n)
+    top_k = min(settings.top_k, group.chains.steps)
+    ritz = ritz_pairs(run, top_k, chain=0)
+    gb = g if group.block is None else group.block.restrict(g)
+    grad_norm = float(torch.linalg.vector_norm(gb))
     if grad_norm > 0:
-        ov = gradient_overlap(ritz.vectors, g)
+        ov = gradient_overlap(ritz.vectors, gb)
         overlap_k, overlap_ratio, cos2 = ov.k, ov.ratio, ov.cos2
     else:
-        overlap_k = np.arange(1, settings.top_k + 1, dtype=np.int64)
-        overlap_ratio = np.full(settings.top_k, np.nan)
-        cos2 = np.full(settings.top_k, np.nan)
-    del result
-
+        overlap_k = np.arange(1, top_k + 1, dtype=np.int64)
+        overlap_ratio = np.full(top_k, np.nan)
+        cos2 = np.full(top_k, np.nan)
     return CheckpointResult(
-        step=int(step),
-        loss=float(loss),
+        step=step,
         grad_norm=grad_norm,
         trace=trace,
         trace_stderr=trace_stderr,
@@ -219,21 +414,13 @@ def analyze(
         overlap_ratio=overlap_ratio,
         cos2=cos2,
         n_params=n,
-        n_samples=operator.num_examples,
-        bn_mode=operator.bn_mode,
-        dtype=str(operator.dtype).removeprefix("torch."),
-        device=str(operator.device),
-        seed=settings.seed,
-        lanczos_steps=settings.lanczos_steps,
-        probes=settings.probes,
-        elapsed_s=time.perf_counter() - start,
-        source=source,
-        sha256=sha256,
-        model=model_name,
-        gradient_nodes=quad.nodes[-1] if use_grad_chain else None,
-        gradient_weights=quad.weights[-1] if use_grad_chain else None,
-        timings=timings,
-        settings=_recorded_settings(settings, operator),
+        lanczos_steps=group.chains.steps,
+        elapsed_s=0.0,
+        gradient_nodes=quad.nodes[-1] if group.gradient_chain else None,
+        gradient_weights=quad.weights[-1] if group.gradient_chain else None,
+        curvature=group.curvature,
+        block=group.name,
+        **meta,
     )
 
 

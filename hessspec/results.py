@@ -49,6 +49,12 @@ class CheckpointResult:
         gradient_weights: float64 [m] or None, its weights: the spectral measure of g / ||g||.
         timings: seconds spent in named phases ("hvp", "lanczos", "gradient", ...).
         settings: JSON-serialisable analysis settings.
+        curvature: the matrix analysed: "hessian", "ggn", "empirical-fisher", "gradient-covariance" or "residual"
+            (see :mod:`hessspec.curvature.gauss_newton`).
+        block: "all" for the whole selected parameter set, else the name of the parameter block whose diagonal
+            block of the matrix was analysed (see :mod:`hessspec.curvature.blocks`); ``n_params`` is then the
+            block's size, ``grad_norm``, ``overlap_ratio`` and ``cos2`` refer to the block's part of the gradient,
+            and ``trace`` to the diagonal block.
     """
 
     step: int
@@ -79,6 +85,8 @@ class CheckpointResult:
     gradient_weights: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    curvature: str = "hessian"
+    block: str = "all"
 
     @property
     def lambda_max(self) -> float:

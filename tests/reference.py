@@ -71,26 +71,61 @@ def _unflatten(model: nn.Module, names: list[str], theta: torch.Tensor) -> dict[
     return out
 
 
-def module_loss(model: nn.Module, batches, mode: str):
-    """Full-data mean loss as a function of the flat parameters, through the nn.Module itself.
-
-    mode "train": a copy in train mode (batch statistics; its running-statistics updates are harmless);
-    mode "eval": a copy in eval mode. Dropout layers must be absent (they would be random in train mode).
-    """
+def module_outputs(model: nn.Module, mode: str):
+    """``(out, theta)``: ``out(th, x)`` is the model's output on ``x`` as a function of the flat parameters ``th``,
+    through a copy of the nn.Module in train mode ("train": batch statistics; its running-statistics updates are
+    harmless) or eval mode ("eval"). Dropout layers must be absent (they would be random in train mode)."""
     m = copy.deepcopy(model)
     m.train(mode == "train")
     names, theta = flat_params(m)
     buffers = dict(m.named_buffers())
-    total = sum(len(x) for x, _ in batches)
+
+    def out(th: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(m, {**_unflatten(m, names, th), **buffers}, (x,))
+
+    return out, theta
+
+
+def cross_entropy_per_unit(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output, y, reduction="none")
+
+
+def module_loss(model: nn.Module, batches, mode: str, per_unit=cross_entropy_per_unit):
+    """Full-data mean loss as a function of the flat parameters, through the nn.Module itself (see
+    :func:`module_outputs` for ``mode``); ``per_unit(output, y)`` gives the vector of per-unit losses."""
+    out, theta = module_outputs(model, mode)
+    total = sum(len(per_unit(out(theta, x), y)) for x, y in batches)
 
     def f(th: torch.Tensor) -> torch.Tensor:
-        params = _unflatten(m, names, th)
-        loss = 0.0
-        for x, y in batches:
-            loss = loss + F.cross_entropy(functional_call(m, {**params, **buffers}, (x,)), y) * (len(x) / total)
-        return loss
+        return sum(per_unit(out(th, x), y).sum() for x, y in batches) / total
 
     return f, theta
+
+
+def dense_ggn(model: nn.Module, batches, mode: str, per_unit=cross_entropy_per_unit) -> torch.Tensor:
+    """``G = (1/U) sum_b J_b^T H_l,b J_b`` from explicit Jacobians of each batch's whole output
+    (``torch.autograd.functional.jacobian``) and the Hessian of its summed loss in the outputs."""
+    out, theta = module_outputs(model, mode)
+    n, total, G = theta.numel(), 0, torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
+    for x, y in batches:
+        J = torch.autograd.functional.jacobian(lambda th, x=x: out(th, x), theta).reshape(-1, n)
+        o = out(theta, x).detach()
+        Hl = torch.autograd.functional.hessian(lambda o_, y=y: per_unit(o_, y).sum(), o)
+        G += J.T @ Hl.reshape(J.shape[0], J.shape[0]) @ J
+        total += len(per_unit(o, y))
+    return G / total
+
+
+def per_unit_gradients(model: nn.Module, batches, mode: str, per_unit=cross_entropy_per_unit) -> torch.Tensor:
+    """[U, n]: the gradient of each unit's loss, one ``torch.autograd.grad`` per unit (each unit's loss evaluated
+    on its whole batch, so in train mode it depends on the batch statistics)."""
+    out, theta = module_outputs(model, mode)
+    rows = []
+    for x, y in batches:
+        th = theta.clone().requires_grad_(True)
+        losses = per_unit(out(th, x), y)
+        rows += [torch.autograd.grad(losses[i], th, retain_graph=True)[0] for i in range(len(losses))]
+    return torch.stack(rows)
 
 
 def dense_hessian(f, theta: torch.Tensor) -> torch.Tensor:
@@ -165,3 +200,26 @@ def wasserstein1(nodes_a, weights_a, nodes_b, weights_b) -> float:
     order = np.argsort(x, kind="stable")
     x, cdf_diff = x[order], np.cumsum(w[order])
     return float(np.sum(np.abs(cdf_diff[:-1]) * np.diff(x)))
+
+
+def trained_digits_mlp(hidden: int, steps: int = 200):
+    """A 64-hidden-hidden-10 tanh MLP in float64 after ``steps`` SGD steps (lr 0.1, batches of 64) on scikit-learn's
+    digits; returns ``(model, x, y)`` with the standardised inputs and labels of all 1,797 examples."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float64) / 16
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(d.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+    model = model.double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, x, y

@@ -7,8 +7,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
-from torch import nn
 
 from hessspec.analysis import AnalysisSettings, analyze, check_memory, rademacher_probes
 from hessspec.curvature.hessian import HessianOperator
@@ -22,20 +20,7 @@ def digits_problem():
 
     The exact Hessian (3,466^2, from the operator validated in test_operators) is diagonalised once.
     """
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float64) / 16
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(d.target)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10)).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model, x, y = ref.trained_digits_mlp(32)
     op = HessianOperator(model, ref.make_batches(x, y, 500))
     H = op.to_dense()
     evals, evecs = torch.linalg.eigh(H)

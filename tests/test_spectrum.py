@@ -141,3 +141,32 @@ def test_outliers_above_a_smoothly_decaying_bulk():
     assert bulk.max() < edge < 25.0
     assert spectrum.count_outliers(top, q.nodes, q.weights, n) == 3
     assert spectrum.count_outliers(top, q.nodes, q.weights, n, resolution=0.0) > 3  # the comb, for contrast
+
+
+def test_js_distance_definition_and_limits():
+    from scipy.spatial.distance import jensenshannon
+
+    from hessspec.linalg.spectrum import default_grid, density, js_distance, pairwise_js_distances
+
+    rng = np.random.default_rng(0)
+    a_nodes, a_weights = rng.normal(0, 1, (3, 20)), rng.dirichlet(np.ones(20), 3)
+    b_nodes, b_weights = rng.normal(0.5, 2, (3, 20)), rng.dirichlet(np.ones(20), 3)
+    assert js_distance(a_nodes, a_weights, a_nodes, a_weights) == pytest.approx(0.0, abs=1e-7)
+    d = js_distance(a_nodes, a_weights, b_nodes, b_weights)
+    assert 0 < d < 1 and d == pytest.approx(js_distance(b_nodes, b_weights, a_nodes, a_weights), rel=1e-12)
+    # The definition, evaluated independently: scipy's Jensen-Shannon distance (base 2) of the two densities
+    # smoothed with the kernel of the union's width on the union's grid.
+    union = np.concatenate([a_nodes.ravel(), b_nodes.ravel()])
+    s2 = 1e-5 * np.ptp(union)
+    grid = default_grid(union, 1e-5)
+    pa = density(a_nodes, a_weights, sigma2=s2 / np.ptp(a_nodes), grid=grid).values
+    pb = density(b_nodes, b_weights, sigma2=s2 / np.ptp(b_nodes), grid=grid).values
+    pa, pb = np.where(pa > 1e-300, pa, 0.0), np.where(pb > 1e-300, pb, 0.0)  # scipy's m underflows on denormals
+    assert d == pytest.approx(float(jensenshannon(pa, pb, base=2)), rel=1e-9)
+    # Far apart (disjoint supports): 1; nearer: smaller.
+    far = js_distance(a_nodes, a_weights, a_nodes + 100.0, a_weights)
+    near = js_distance(a_nodes, a_weights, a_nodes + 0.01, a_weights)
+    assert far == pytest.approx(1.0, abs=1e-9) and near < far
+    matrix = pairwise_js_distances([(a_nodes, a_weights), (b_nodes, b_weights), (a_nodes + 100.0, a_weights)])
+    assert matrix.shape == (3, 3) and np.allclose(matrix, matrix.T) and np.all(np.diag(matrix) == 0)
+    assert matrix[0, 1] == pytest.approx(d, rel=1e-12)
