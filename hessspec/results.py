@@ -13,6 +13,9 @@ import numpy as np
 
 from hessspec.linalg import spectrum
 
+# The (curvature, block) of the classic result: the Hessian of the whole selected parameter set.
+WHOLE_HESSIAN = ("hessian", "all")
+
 
 @dataclass(frozen=True)
 class CheckpointResult:
@@ -85,8 +88,13 @@ class CheckpointResult:
     gradient_weights: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
-    curvature: str = "hessian"
-    block: str = "all"
+    curvature: str = WHOLE_HESSIAN[0]
+    block: str = WHOLE_HESSIAN[1]
+
+    @property
+    def kind(self) -> tuple[str, str]:
+        """``(curvature, block)``: what this result is a spectrum of."""
+        return (self.curvature, self.block)
 
     @property
     def lambda_max(self) -> float:

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +133,7 @@ def test_rerun_skips_done_checkpoints_and_adds_new_ones(analysed, workdir, tmp_p
     out, _ = analysed
     copy = tmp_path / "copy.h5"
     copy.write_bytes(out.read_bytes())
+    shutil.copytree(f"{out}.d", f"{copy}.d")  # a version-2 file is the root file and its checkpoints directory
     # The HVP strategy changes rounding only, so a run resumes under another one.
     result = CliRunner().invoke(
         cli, ["analyze", str(workdir / "ckpts"), *MODEL, *SETTINGS, "--hvp-strategy", "reverse", "--out", str(copy)]

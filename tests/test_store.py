@@ -1,4 +1,7 @@
-"""The HDF5 result format: round trips, the version-1 contract, resume, crash safety, locking, merge, export."""
+"""The HDF5 result format: round trips, the version-1 and -2 contracts, resume, crash safety, locking, merge, export.
+
+Per-(curvature, block) results, reading and upgrading version-1 files: tests/test_store_v2.py.
+"""
 
 from __future__ import annotations
 
@@ -124,9 +127,9 @@ def assert_same_result(a: CheckpointResult, b: CheckpointResult) -> None:
             assert type(x) is type(y), field.name
 
 
-def write_run(path: Path, steps, config=CONFIG, label="demo", **kwargs) -> list[CheckpointResult]:
+def write_run(path: Path, steps, config=CONFIG, label="demo", format_version=None, **kwargs) -> list[CheckpointResult]:
     results = [make_result(step, **kwargs) for step in steps]
-    with ResultWriter(path, label=label, config=config) as writer:
+    with ResultWriter(path, label=label, config=config, format_version=format_version) as writer:
         for result in results:
             writer.write(result)
     return results
@@ -136,17 +139,20 @@ def write_run(path: Path, steps, config=CONFIG, label="demo", **kwargs) -> list[
 # Round trip and the contract
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("gradient", [True, False])
-def test_round_trip_every_field(tmp_path, gradient):
+def test_round_trip_every_field(tmp_path, gradient, version):
     path = tmp_path / "run.h5"
-    written = write_run(path, [300, 0, 1200], gradient=gradient)
+    written = write_run(path, [300, 0, 1200], gradient=gradient, format_version=version)
     run = load_results(path)
     assert run.steps == (0, 300, 1200)
     for a, b in zip(sorted(written, key=lambda r: r.step), run.checkpoints, strict=True):
         assert_same_result(a, b)
     assert run.label == "demo"
     assert run.config == CONFIG
-    assert run.format_version == 1
+    assert run.format_version == version
+    assert run.results == run.checkpoints
+    assert run.curvatures == ("hessian",) and run.blocks == ("all",)
     assert run.generated_by == f"hessspec {hessspec.__version__}"
     assert run.path == str(path)
     assert run.stale_steps == ()
@@ -155,7 +161,7 @@ def test_round_trip_every_field(tmp_path, gradient):
 
 def test_files_follow_the_version_1_contract(tmp_path):
     path = tmp_path / "run.h5"
-    (result,) = write_run(path, [300])
+    (result,) = write_run(path, [300], format_version=1)
     with h5py.File(path, "r") as f:
         assert set(f.attrs) == {"format", "format_version", "generated_by", "created", "label", "config"}
         assert f.attrs["format"] == "hessspec"
@@ -188,6 +194,34 @@ def test_files_follow_the_version_1_contract(tmp_path):
         for name, shape in shapes.items():
             assert g[name].shape == shape, name
         assert np.all(np.diff(g["top/eigenvalues"][()]) <= 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5"]
+
+
+def test_files_follow_the_version_2_contract(tmp_path):
+    path = tmp_path / "run.h5"
+    (result,) = write_run(path, [300])
+    with h5py.File(path, "r") as f:
+        assert set(f.attrs) == {"format", "format_version", "generated_by", "created", "label", "config"}
+        assert f.attrs["format"] == "hessspec"
+        assert f.attrs["format_version"] == 2 and f.attrs["format_version"].dtype == np.int64
+        assert json.loads(f.attrs["config"]) == CONFIG
+        assert list(f) == []  # the checkpoints live beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5", "run.h5.d"]
+    assert sorted(p.name for p in (tmp_path / "run.h5.d").iterdir()) == ["step_00000300.h5"]
+    with h5py.File(tmp_path / "run.h5.d" / "step_00000300.h5", "r") as part:
+        assert set(part.attrs) == {"format", "format_version", "step", "sha256", "complete"}
+        assert part.attrs["format"] == "hessspec-checkpoint" and part.attrs["format_version"] == 2
+        assert part.attrs["step"] == 300 and part.attrs["step"].dtype == np.int64
+        assert part.attrs["sha256"] == result.sha256 and part.attrs["complete"] is np.True_
+        assert list(part) == ["results"] and list(part["results"]) == ["0"]
+        g = part["results/0"]
+        # A version-1 checkpoint group, less its "complete" marker (the file's rename commits it), plus the kind.
+        assert set(g.attrs) == CONTRACT_GROUP_ATTRS - {"complete"} | {"timings", "settings", "config", "curvature",
+                                                                     "block"}  # fmt: skip
+        assert g.attrs["curvature"] == "hessian" and g.attrs["block"] == "all"
+        for name, dtype in CONTRACT_DATASETS.items():
+            assert g[name].dtype == dtype, name
+        np.testing.assert_array_equal(g["slq/nodes"][()], result.nodes)
 
 
 def test_the_plain_h5py_reader_in_the_docs_runs(tmp_path, monkeypatch, capsys):
@@ -343,7 +377,7 @@ def _foreign_file(path: Path, kind: str) -> None:
     elif kind == "empty":
         path.write_bytes(b"")
     elif kind == "truncated":
-        write_run(path, [0, 1, 2])
+        write_run(path, [0, 1, 2], format_version=1)
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
     else:
@@ -352,6 +386,9 @@ def _foreign_file(path: Path, kind: str) -> None:
             if kind == "other_format":
                 f.attrs["format"] = "HDF5::Cooler"
             elif kind == "newer_version":
+                f.attrs["format"] = "hessspec"
+                f.attrs["format_version"] = 3
+            elif kind == "no_directory":
                 f.attrs["format"] = "hessspec"
                 f.attrs["format_version"] = 2
             elif kind == "bad_version":
@@ -367,7 +404,8 @@ def _foreign_file(path: Path, kind: str) -> None:
         ("truncated", "is a truncated HDF5 file"),
         ("no_format", "is not a hessspec result file \\(no 'format' attribute"),
         ("other_format", "is a 'HDF5::Cooler' file, not a hessspec result file"),
-        ("newer_version", "format version 2, newer than this hessspec reads \\(versions 1 to 1\\); upgrade"),
+        ("newer_version", "format version 3, newer than this hessspec reads \\(versions 1 to 2\\); upgrade"),
+        ("no_directory", "version-2 result file whose checkpoints directory .*file.h5.d is missing"),
         ("bad_version", "invalid format_version 'one'"),
     ],
 )
@@ -407,7 +445,7 @@ def test_unwritable_directory(tmp_path):
 
 def test_unfinished_groups_are_ignored_and_cleaned_up(tmp_path):
     path = tmp_path / "run.h5"
-    write_run(path, [0])
+    write_run(path, [0], format_version=1)
     # What an interrupted in-place writer (another program, an older version) could leave.
     with h5py.File(path, "r+") as f:
         f["checkpoints"].create_group(".tmp_step_00000009").attrs["complete"] = True
@@ -461,67 +499,95 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 CRASH_SCRIPT = """
-    import sys, time
+    import dataclasses, sys, time
     from hessspec import store
-    from hessspec.store import summary
+    from hessspec.store import _v1, _v2
     from tests.test_store import CONFIG, make_result
 
-    path, n, hang = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "hang"
-    with store.ResultWriter(path, label="crash", config=CONFIG) as writer:
+    path, n, hang, version = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "hang", int(sys.argv[4])
+
+    def results(step):
+        whole = make_result(step)
+        if version == 1:
+            return whole
+        # Several (curvature, block) per checkpoint: a killed write must not leave some of them.
+        return [whole, dataclasses.replace(whole, curvature="ggn"), dataclasses.replace(whole, block="layer1")]
+
+    with store.ResultWriter(path, label="crash", config=CONFIG, format_version=version) as writer:
         for step in range(n):
-            writer.write(make_result(step))
+            writer.write(results(step))
             print("stored", step, flush=True)
         if hang:
             def publish_slowly(*args):
                 print("publishing", flush=True)
                 time.sleep(60)
-            store._publish = publish_slowly
+            if version == 1:
+                _v1.publish = publish_slowly  # after the temporary group was written and flushed
+            else:
+                _v2.commit_part = publish_slowly  # after the checkpoint's temporary file was written and closed
         for step in range(n, 100_000):
-            result = make_result(step)
-            if not writer.has(step, result.sha256):  # resume
-                writer.write(result)
+            if not writer.has(step, make_result(step).sha256):  # resume
+                writer.write(results(step))
                 print("stored", step, flush=True)
 """
 
+KINDS_V2 = (("hessian", "all"), ("hessian", "layer1"), ("ggn", "all"))
 
-def test_sigkill_inside_a_checkpoint_write_keeps_earlier_checkpoints(tmp_path):
-    path = tmp_path / "run.h5"
-    proc = _start(CRASH_SCRIPT, path, 3, "hang")
-    _read_until(proc, "publishing")  # killed after the temporary group was written and flushed
-    _kill(proc)
+
+def _check_crashed_run(path: Path, version: int, steps: tuple[int, ...]) -> None:
     run = load_results(path)
-    assert run.steps == (0, 1, 2)
+    assert run.steps == steps
     for result in run.checkpoints:
         assert_same_result(result, make_result(result.step))
-    # The interrupted write lives in a copy that never replaced the file; it holds the temporary group.
-    (partial,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
-    with h5py.File(partial, "r") as f:
-        assert ".tmp_step_00000003" in f["checkpoints"]
-    assert load_results(partial).steps == (0, 1, 2)  # readers skip temporary groups
+    if version == 2:
+        assert len(run.results) == 3 * len(steps)
+        for step in steps:
+            assert {r.kind for r in run.results if r.step == step} == set(KINDS_V2)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_sigkill_inside_a_checkpoint_write_keeps_earlier_checkpoints(tmp_path, version):
+    path = tmp_path / "run.h5"
+    proc = _start(CRASH_SCRIPT, path, 3, "hang", version)
+    _read_until(proc, "publishing")
+    _kill(proc)
+    _check_crashed_run(path, version, (0, 1, 2))
+    if version == 1:
+        # The interrupted write lives in a copy that never replaced the file; it holds the temporary group.
+        (partial,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+        with h5py.File(partial, "r") as f:
+            assert ".tmp_step_00000003" in f["checkpoints"]
+        assert load_results(partial).steps == (0, 1, 2)  # readers skip temporary groups
+    else:
+        # The interrupted checkpoint is a complete file under a temporary name, which readers do not see.
+        (partial,) = [p for p in (tmp_path / "run.h5.d").iterdir() if p.name.endswith(".partial")]
+        assert partial.name.startswith(".step_00000003.")
+        with h5py.File(partial, "r") as f:
+            assert len(f["results"]) == 3
     assert (tmp_path / "run.h5.lock").exists()  # left by the killed process; harmless
     with ResultWriter(path, label=None, config=CONFIG) as writer:
         assert not partial.exists()
         assert writer.has(2, make_result(2).sha256) and not writer.has(3, make_result(3).sha256)
         writer.write(make_result(3))
     assert load_results(path).steps == (0, 1, 2, 3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5"] + (["run.h5.d"] if version == 2 else [])
 
 
-def test_sigkill_at_an_arbitrary_moment_keeps_the_file_readable(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_sigkill_at_an_arbitrary_moment_keeps_the_file_readable(tmp_path, version):
     path = tmp_path / "run.h5"
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(version)
     done = 0
     for _ in range(2):
-        proc = _start(CRASH_SCRIPT, path, 0, "loop")
+        proc = _start(CRASH_SCRIPT, path, 0, "loop", version)
         # The child writes back to back, so the kill lands inside a write most of the time.
         for _ in range(int(rng.integers(3, 8))):
             _read_until(proc, "stored")
         _kill(proc)
         run = load_results(path)
         assert len(run.steps) > done
-        assert run.steps == tuple(range(len(run.steps)))
         done = len(run.steps)
-        assert_same_result(run.checkpoints[-1], make_result(done - 1))
+        _check_crashed_run(path, version, tuple(range(done)))
 
 
 LOCK_SCRIPT = """
@@ -658,8 +724,8 @@ def test_summary_table(tmp_path):
     run = _summary_run(tmp_path)
     full, short = summary.summary_table(run)
     assert list(full) == [
-        "step", "loss", "grad_norm", "lambda_1", "lambda_2", "lambda_3", "lambda_4", "lambda_5", "trace",
-        "trace_stderr", "r_1", "r_5", "negative_mass", "num_outliers", "elapsed_s",
+        "step", "curvature", "block", "loss", "grad_norm", "lambda_1", "lambda_2", "lambda_3", "lambda_4", "lambda_5",
+        "trace", "trace_stderr", "r_1", "r_5", "negative_mass", "num_outliers", "elapsed_s",
     ]  # fmt: skip
     assert "lambda_4" not in short and "lambda_3" in short and "r_1" in short and "r_5" not in short
     c = run.get(0)
@@ -668,7 +734,8 @@ def test_summary_table(tmp_path):
     assert full["trace"] == c.trace
     assert full["negative_mass"] == c.negative_mass()
     assert full["num_outliers"] == c.num_outliers()
-    assert all(type(v) in (int, float) for v in full.values())
+    assert (full["curvature"], full["block"]) == ("hessian", "all")
+    assert all(type(v) in (int, float) for k, v in full.items() if k not in ("curvature", "block"))
 
 
 def test_export_csv_and_json(tmp_path):

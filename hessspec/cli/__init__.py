@@ -22,6 +22,7 @@ _SUBCOMMANDS = {
     "export": "hessspec.cli.export:export",
     "merge": "hessspec.cli.merge:merge",
     "plot": "hessspec.cli.plot:plot",
+    "upgrade": "hessspec.cli.upgrade:upgrade",
     # Written separately; registered only once hessspec/cli/demo.py exists.
     "demo": "hessspec.cli.demo:demo",
 }
@@ -99,7 +100,7 @@ def cli() -> None:
     """The whole Hessian eigenvalue spectrum of a neural network across training checkpoints.
 
     Stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao 2019): 'analyze' writes a resumable HDF5 result
-    file; 'info', 'export', 'plot' and 'merge' read it.
+    file; 'info', 'export', 'plot' and 'merge' read it; 'upgrade' converts a file of result format 1 to 2.
     """
 
 

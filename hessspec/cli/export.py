@@ -17,12 +17,14 @@ _SUFFIX_FORMATS = {".csv": "csv", ".json": "json"}
 @click.option(
     "--format", "fmt", type=click.Choice(["csv", "json"]), default=None,
     show_default="from the --out suffix, else csv",
-    help="csv: one row per checkpoint; json: also label, settings and the top eigenvalue and overlap arrays.",
+    help="csv: one row per checkpoint, curvature and block; json: also label, settings and the top eigenvalue and "
+    "overlap arrays.",
 )  # fmt: skip
 @click.option("--out", "out", metavar="PATH", default=None, show_default="stdout", help="Where to write.")
 @debug_option
 def export(file: str, fmt: str | None, out: str | None) -> None:
-    """Export the per-checkpoint figures of FILE.h5 (step, loss, top eigenvalues, trace, overlaps, ...).
+    """Export the figures of FILE.h5, one row per checkpoint, curvature and block (step, curvature, block, loss, top
+    eigenvalues, trace, overlaps, ...).
 
     The quadrature itself (nodes and weights) stays in the HDF5 file; read it with hessspec.load_results.
     """

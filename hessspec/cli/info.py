@@ -24,13 +24,15 @@ def _setting(value: Any) -> str:
     return str(value)
 
 
-def _columns(lam: str, pm: str) -> list[tuple[str, Any]]:
+def _columns(lam: str, pm: str, kinds: bool) -> list[tuple[str, Any]]:
     # (header, function of a summary_table row -> cell text)
     def trace(row: dict) -> str:
         return f"{fmt_number(row.get('trace'))} {pm} {fmt_number(row.get('trace_stderr'), 2)}"
 
+    kind_columns = [("curvature", lambda r: r["curvature"]), ("block", lambda r: r["block"])] if kinds else []
     return [
         ("step", lambda r: str(r["step"])),
+        *kind_columns,
         ("loss", lambda r: fmt_number(r.get("loss"))),
         (f"{lam}1", lambda r: fmt_number(r.get("lambda_1"))),
         (f"{lam}2", lambda r: fmt_number(r.get("lambda_2"))),
@@ -70,14 +72,19 @@ def describe_run(run: Any) -> list[str]:
     keys = [k for k in _SETTING_ORDER if k in config] + sorted(k for k in config if k not in _SETTING_ORDER)
     width = max((len(k) for k in keys), default=0)
     lines += [f"  {key.ljust(width)}  {_setting(config[key])}" for key in keys if key != "label"]
-    count = len(run.checkpoints)
-    lines.append(f"checkpoints: {count}")
+    count = len(run.results)
+    lines.append(f"checkpoints: {len({(r.step, r.sha256) for r in run.results})}")
+    several = run.kinds not in ((), (("hessian", "all"),))
+    if several:
+        lines.append(f"curvatures:  {', '.join(run.curvatures)}")
+        lines.append(f"blocks:      {', '.join(run.blocks)}")
+        lines.append(f"results:     {count} (one per checkpoint, curvature and block stored)")
     if run.stale_steps:
         lines.append(
             f"stale:       steps {list(run.stale_steps)} were computed with older settings; rerun analyze to update"
         )
     if count:
-        columns = _columns(lam, pm)
+        columns = _columns(lam, pm, kinds=several)
         rows = [[cell(row) for _, cell in columns] for row in summary_table(run)]
         lines.append("")
         lines += render_table([header for header, _ in columns], rows)
@@ -88,11 +95,12 @@ def describe_run(run: Any) -> list[str]:
 @click.argument("files", metavar="FILE.h5...", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @debug_option
 def info(files: tuple[str, ...]) -> None:
-    """Show what result files hold: label, settings, and one row per checkpoint.
+    """Show what result files hold: label, settings, and one row per checkpoint (per curvature and block stored).
 
-    Columns: step, loss, the top three eigenvalues, the trace with its standard error across probes, the gradient
-    overlaps r_1 and r_10 (share of the squared gradient norm in the top 1 and 10 eigenvectors; '-' when fewer
-    were computed), the number of outliers above the bulk, the mass of negative eigenvalues, and seconds spent.
+    Columns: step (curvature and block when the file holds more than the whole-model Hessian), loss, the top
+    three eigenvalues, the trace with its standard error across probes, the gradient overlaps r_1 and r_10 (share
+    of the squared gradient norm in the top 1 and 10 eigenvectors; '-' when fewer were computed), the number of
+    outliers above the bulk, the mass of negative eigenvalues, and seconds spent.
     """
     from hessspec.store import load_results
 

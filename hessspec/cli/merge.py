@@ -20,9 +20,11 @@ from hessspec.cli._common import CONTEXT_SETTINGS, debug_option, writable_output
 def merge(out: str, inputs: tuple[str, ...], label: str | None, force: bool, quiet: bool) -> None:
     """Merge the result files IN.h5... (e.g. the shards of an array job) into OUT.h5.
 
-    The inputs must have been analysed with the same settings. A checkpoint found in several inputs is written
-    once; copies with different numbers are refused unless --force. OUT.h5 may already exist (it is appended to
-    if its settings match). Nothing is written unless every check passes.
+    The inputs must have been analysed with the same settings. A result (checkpoint, curvature, block) found in
+    several inputs is written once; copies with different numbers are refused unless --force; what one input lacks
+    is taken from another. OUT.h5 may already exist (it is appended to if its settings match). A new OUT.h5 is
+    result format 2 (whatever the inputs' version): this also converts a version-1 file into a new one. Nothing is
+    written unless every check passes.
     """
     from hessspec._paths import make_parent
     from hessspec.store import load_results
@@ -31,5 +33,6 @@ def merge(out: str, inputs: tuple[str, ...], label: str | None, force: bool, qui
     make_parent(writable_output(out, "merge output"))
     written = merge_files(out, inputs, force=force, label=label)
     if not quiet:
-        total = len(load_results(out).checkpoints)
+        run = load_results(out)
+        total = len({(r.step, r.sha256) for r in run.results})
         click.echo(f"merged {len(inputs)} file(s) into {out}: {len(written)} checkpoint(s) written, {total} in all")

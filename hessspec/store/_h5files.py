@@ -27,6 +27,9 @@ except ImportError:  # pragma: no cover
 
 LOCK_SUFFIX = ".lock"
 PARTIAL_SUFFIX = ".partial"
+# How long a reader waits while another program has a file open for writing through HDF5 (hessspec's writers
+# never do: they write new files and rename them).
+READ_WAIT_S = 10.0
 
 
 class StoreError(ValueError):
@@ -41,7 +44,7 @@ def _locking_kwargs() -> dict[str, Any]:
     return {}  # pragma: no cover
 
 
-_LOCKING = _locking_kwargs()
+LOCKING = _locking_kwargs()
 
 
 def one_line(text: object) -> str:
@@ -69,7 +72,7 @@ def h5_open(path: str, mode: str, wait_s: float) -> h5py.File:
     delay = 0.01
     while True:
         try:
-            return h5py.File(path, mode, **_LOCKING)
+            return h5py.File(path, mode, **LOCKING)
         except BlockingIOError as exc:
             if time.monotonic() >= deadline:
                 raise _translate_open_error(path, exc) from None
@@ -79,7 +82,7 @@ def h5_open(path: str, mode: str, wait_s: float) -> h5py.File:
             raise _translate_open_error(path, exc) from None
 
 
-def _fsync(path: str) -> None:
+def fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -96,33 +99,41 @@ def partial_name(path: str) -> str:
 
 
 @contextlib.contextmanager
+def temporary_for(tmp: str, target: str) -> Iterator[None]:
+    """Around the writing of ``tmp`` (which is to become ``target``): delete it if the block fails, and turn an
+    OSError into a one-line :class:`StoreError` naming ``target``."""
+    try:
+        yield
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        msg = f"cannot write {target}: {one_line(exc)}"
+        raise StoreError(msg) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def rewrite(path: str) -> Iterator[h5py.File]:
     """Yield a writable copy of ``path`` (a new file if missing) that replaces it atomically when the block ends.
 
     If the block raises or the process dies, ``path`` is left as it was.
     """
     partial = partial_name(path)
-    try:
+    with temporary_for(partial, path):
         if os.path.exists(path):
             shutil.copyfile(path, partial)
             shutil.copymode(path, partial)
             mode = "r+"
         else:
             mode = "w"
-        with h5py.File(partial, mode, **_LOCKING) as f:
+        with h5py.File(partial, mode, **LOCKING) as f:
             yield f
-        _fsync(partial)
+        fsync(partial)
         os.replace(partial, path)
-        _fsync(os.path.dirname(path) or ".")
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
-        msg = f"cannot write {path}: {one_line(exc)}"
-        raise StoreError(msg) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
-        raise
+        fsync(os.path.dirname(path) or ".")
 
 
 # --------------------------------------------------------------------------------------------------------------

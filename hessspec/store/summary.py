@@ -21,16 +21,23 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def summary_table(run: RunResults) -> list[dict[str, Any]]:
-    """Per-checkpoint figures for ``hessspec info`` and export, one dict per checkpoint, sorted by step.
+    """Per-result figures for ``hessspec info`` and export, one dict per (checkpoint, curvature, block), sorted by
+    step, then curvature (Hessian first) and block ("all" first), as ``run.results``.
 
-    Columns: step, loss, grad_norm, lambda_1..lambda_5 (as many as were computed, up to 5), trace, trace_stderr,
-    r_1 / r_5 / r_10 (those among the stored overlap ranks), negative_mass (estimated fraction of negative
+    Columns: step, curvature, block, loss, grad_norm, lambda_1..lambda_5 (as many as were computed, up to 5), trace,
+    trace_stderr, r_1 / r_5 / r_10 (those among the stored overlap ranks), negative_mass (estimated fraction of negative
     eigenvalues), num_outliers (top eigenvalues above the bulk edge) and elapsed_s. Values are Python floats and
     ints; figures that cannot be computed (non-finite quadrature) are NaN, or None for num_outliers.
     """
     rows = []
-    for c in run.checkpoints:
-        row: dict[str, Any] = {"step": c.step, "loss": c.loss, "grad_norm": c.grad_norm}
+    for c in run.results:
+        row: dict[str, Any] = {
+            "step": c.step,
+            "curvature": c.curvature,
+            "block": c.block,
+            "loss": c.loss,
+            "grad_norm": c.grad_norm,
+        }
         for i, value in enumerate(c.top_eigenvalues[:5], start=1):
             row[f"lambda_{i}"] = float(value)
         row["trace"] = c.trace
@@ -87,7 +94,7 @@ def _strict_json(obj: Any) -> Any:
 
 
 def export_json(run: RunResults, file: str | os.PathLike[str] | IO[str]) -> None:
-    """Write the run as JSON: label, config, file metadata, and per checkpoint the :func:`summary_table` row plus
+    """Write the run as JSON: label, config, file metadata, and per result the :func:`summary_table` row plus
     source, sha256 and the full arrays top_eigenvalues, top_residuals, overlap_k, overlap_ratio and cos2.
 
     The quadrature (nodes, weights) is not exported; read it from the HDF5 file. Non-finite numbers become null.
@@ -97,7 +104,7 @@ def export_json(run: RunResults, file: str | os.PathLike[str] | IO[str]) -> None
         file: a path or a text file.
     """
     checkpoints = []
-    for c, row in zip(run.checkpoints, summary_table(run), strict=True):
+    for c, row in zip(run.results, summary_table(run), strict=True):
         checkpoints.append(
             {
                 **row,
@@ -118,6 +125,8 @@ def export_json(run: RunResults, file: str | os.PathLike[str] | IO[str]) -> None
         "created": run.created,
         "path": run.path,
         "stale_steps": list(run.stale_steps),
+        "curvatures": list(run.curvatures),
+        "blocks": list(run.blocks),
         "checkpoints": checkpoints,
     }
     with _text_output(file) as handle:
