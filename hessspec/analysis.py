@@ -25,11 +25,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from hessspec.curvature.blocks import WHOLE, Block, block_probes, check_block_specs, resolve_blocks, restart_generator
+from hessspec.curvature.blocks import WHOLE, Block, block_probes, check_block_specs, resolve_blocks, restart_seeds
 from hessspec.curvature.gauss_newton import check_curvature
 from hessspec.curvature.hessian import HessianOperator
 from hessspec.linalg import spectrum
-from hessspec.linalg.lanczos import LanczosChains, LanczosResult, lanczos_lockstep, lanczos_memory_estimate
+from hessspec.linalg.lanczos import (
+    LanczosChains,
+    LanczosResult,
+    chain_groups,
+    lanczos_lockstep,
+    lanczos_memory_estimate,
+    merge_results,
+)
 from hessspec.linalg.overlap import gradient_overlap, ritz_pairs
 from hessspec.results import CheckpointResult
 
@@ -57,6 +64,10 @@ class AnalysisSettings:
             default; all share the data passes (see :func:`analyze_many`).
         blocks: block specs (:mod:`hessspec.curvature.blocks`): each curvature is also analysed on the diagonal
             block of each named group of parameters, in the same data passes. Empty for the whole model only.
+        probes_per_pass: advance at most this many chains of each (curvature, block) per pass over the data (the
+            probes, then the gradient chain), when the activations of all columns at once do not fit; the groups
+            run one after another, ``ceil(chains / probes_per_pass)`` times the passes. None: all at once. It
+            changes no stored number (bitwise under the "reverse" and "loop" strategies; rounding under "vmap").
     """
 
     lanczos_steps: int = DEFAULT_LANCZOS_STEPS
@@ -69,6 +80,7 @@ class AnalysisSettings:
     determinism_check: bool = True
     curvatures: tuple[str, ...] = ("hessian",)
     blocks: tuple[str, ...] = ()
+    probes_per_pass: int | None = None
 
     def __post_init__(self) -> None:
         curvatures = (self.curvatures,) if isinstance(self.curvatures, str) else tuple(self.curvatures)
@@ -95,10 +107,13 @@ class AnalysisSettings:
 
 
 def rademacher_probes(n: int, p: int, seed: int) -> torch.Tensor:
-    """``p`` normalised Rademacher vectors [n, p] in float64, drawn from a CPU generator seeded with ``seed``."""
-    gen = torch.Generator().manual_seed(int(seed))
-    z = torch.randint(0, 2, (n, p), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
-    return z / np.sqrt(n)
+    """``p`` normalised Rademacher vectors [n, p] in float64: the whole model's probes.
+
+    Probe ``i`` comes from its own CPU generator seeded by a hash of ``(seed, i)``
+    (:func:`hessspec.curvature.blocks.block_probes` of the whole model), so it depends on ``(seed, i)`` alone: a
+    run with more probes extends one with fewer, and probes can run in groups (``probes_per_pass``).
+    """
+    return block_probes(n, p, seed, WHOLE)
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -146,7 +161,8 @@ def check_memory(
     itemsize = torch.empty((), dtype=dtype).element_size()
     est = lanczos_memory_estimate(n, m, chains, dtype)
     est["basis"] = int(elements) * itemsize
-    columns = chains + (curvatures - 1) * p + curvatures * len(block_sizes) * p
+    per_pass = settings.probes_per_pass or chains
+    columns = min(chains, per_pass) + ((curvatures - 1) + curvatures * len(block_sizes)) * min(p, per_pass)
     est["work"] = 6 * int(n) * columns * 8
     basis_dev = device if settings.basis_device == "same" else torch.device(settings.basis_device)
     free = _available_bytes(basis_dev)
@@ -166,16 +182,26 @@ def check_memory(
 
 @dataclass
 class _Group:
-    # The Lanczos chains of one (curvature, block): ``block`` None for the whole model.
+    # The Lanczos chains of one (curvature, block): ``block`` None for the whole model. ``parts`` are the groups of
+    # at most probes_per_pass chains that run in one pass, all writing into one basis storage.
     curvature: str
     block: Block | None
-    chains: LanczosChains
+    parts: list[LanczosChains]
+    basis: torch.Tensor
     probes: int
     gradient_chain: bool
 
     @property
     def name(self) -> str:
         return WHOLE if self.block is None else self.block.name
+
+    @property
+    def n(self) -> int:
+        return self.parts[0].n
+
+    @property
+    def steps(self) -> int:
+        return self.parts[0].steps
 
 
 def _check_settings(settings: AnalysisSettings, n: int) -> None:
@@ -190,6 +216,10 @@ def _check_settings(settings: AnalysisSettings, n: int) -> None:
         raise ValueError(msg)
     if settings.basis_dtype not in ("float64", "float32"):
         msg = f"basis_dtype must be float64 or float32; got {settings.basis_dtype!r}"
+        raise ValueError(msg)
+    per_pass = settings.probes_per_pass
+    if per_pass is not None and (isinstance(per_pass, bool) or not isinstance(per_pass, int) or per_pass < 1):
+        msg = f"probes_per_pass must be a positive integer or None; got {per_pass!r}"
         raise ValueError(msg)
     settings.check()
 
@@ -288,14 +318,25 @@ def analyze_many(
 
     groups = _plan(operator, settings, blocks, g, grad_norm)
     hvp_time = [0.0]
-    matmat = _group_matmat(operator, groups, hvp_time)
 
-    def callback(j: int) -> None:
-        if progress is not None:
-            progress(j + 1, settings.lanczos_steps)
+    rounds = max(len(group.parts) for group in groups)
+    passes = settings.lanczos_steps * rounds
 
     t0 = time.perf_counter()
-    runs = lanczos_lockstep([group.chains for group in groups], matmat, callback=callback)
+    parts: list[list[LanczosResult]] = [[] for _ in groups]
+    for k in range(rounds):
+        # Round k advances the k-th part of every (curvature, block) in lockstep: one data pass per step.
+        active = [i for i, group in enumerate(groups) if k < len(group.parts)]
+
+        def callback(j: int, done: int = k * settings.lanczos_steps) -> None:
+            if progress is not None:
+                progress(done + j + 1, passes)
+
+        matmat = _group_matmat(operator, [groups[i] for i in active], hvp_time)
+        runs = lanczos_lockstep([groups[i].parts[k] for i in active], matmat, callback=callback)
+        for i, run in zip(active, runs, strict=True):
+            parts[i].append(run)
+    runs = [merge_results(p, group.basis) for p, group in zip(parts, groups, strict=True)]
     timings["lanczos"] = time.perf_counter() - t0
     timings["hvp"] = hvp_time[0]
 
@@ -322,27 +363,46 @@ def _plan(
     operator: HessianOperator, settings: AnalysisSettings, blocks: list[Block], g: torch.Tensor, grad_norm: float
 ) -> list[_Group]:
     n, device = operator.n, operator.device
-    basis = {
-        "keep_basis": True,
-        "basis_dtype": torch.float64 if settings.basis_dtype == "float64" else torch.float32,
-        "basis_device": None if settings.basis_device == "same" else settings.basis_device,
-    }
+    dtype = torch.float64 if settings.basis_dtype == "float64" else torch.float32
+    where = device if settings.basis_device == "same" else torch.device(settings.basis_device)
     probes = rademacher_probes(n, settings.probes, settings.seed).to(device)
     groups = []
     for curvature in settings.curvatures:
-        V0 = probes
         gradient_chain = curvature == "hessian" and settings.gradient_crosscheck and grad_norm > 0
-        if gradient_chain:
-            V0 = torch.cat([V0, (g / grad_norm).unsqueeze(1)], dim=1)
-        generator = torch.Generator(device=device).manual_seed(settings.seed + 1)
-        chains = LanczosChains(V0, settings.lanczos_steps, generator=generator, **basis)
-        groups.append(_Group(curvature, None, chains, settings.probes, gradient_chain))
+        V0 = torch.cat([probes, (g / grad_norm).unsqueeze(1)], dim=1) if gradient_chain else probes
+        seeds = restart_seeds(settings.seed, WHOLE, settings.probes, gradient_chain)
+        groups.append(_group(curvature, None, V0, settings.lanczos_steps, seeds, settings, dtype, where))
         for block in blocks:
             V0 = block_probes(block.n, settings.probes, settings.seed, block.name).to(device)
-            generator = restart_generator(settings.seed, block.name, device)
-            chains = LanczosChains(V0, min(settings.lanczos_steps, block.n), generator=generator, **basis)
-            groups.append(_Group(curvature, block, chains, settings.probes, False))
+            seeds = restart_seeds(settings.seed, block.name, settings.probes)
+            steps = min(settings.lanczos_steps, block.n)
+            groups.append(_group(curvature, block, V0, steps, seeds, settings, dtype, where))
     return groups
+
+
+def _group(
+    curvature: str,
+    block: Block | None,
+    V0: torch.Tensor,
+    steps: int,
+    seeds: list[int],
+    settings: AnalysisSettings,
+    dtype: torch.dtype,
+    where: torch.device,
+) -> _Group:
+    n, p = V0.shape
+    basis = torch.empty((p, steps, n), dtype=dtype, device=where)
+    parts = [
+        LanczosChains(
+            V0[:, r.start : r.stop],
+            steps,
+            keep_basis=True,
+            basis=basis[r.start : r.stop],
+            restart_seeds=seeds[r.start : r.stop],
+        )
+        for r in chain_groups(p, settings.probes_per_pass)
+    ]
+    return _Group(curvature, block, parts, basis, settings.probes, V0.shape[1] > settings.probes)
 
 
 def _group_matmat(
@@ -388,9 +448,9 @@ def _result(
     quad = spectrum.quadrature(run.alpha.numpy(), run.beta.numpy())
     p = group.probes
     nodes, weights = quad.nodes[:p], quad.weights[:p]
-    n = group.chains.n
+    n = group.n
     trace, trace_stderr = spectrum.trace_estimate(nodes, weights, n)
-    top_k = min(settings.top_k, group.chains.steps)
+    top_k = min(settings.top_k, group.steps)
     ritz = ritz_pairs(run, top_k, chain=0)
     gb = g if group.block is None else group.block.restrict(g)
     grad_norm = float(torch.linalg.vector_norm(gb))
@@ -414,7 +474,7 @@ def _result(
         overlap_ratio=overlap_ratio,
         cos2=cos2,
         n_params=n,
-        lanczos_steps=group.chains.steps,
+        lanczos_steps=group.steps,
         elapsed_s=0.0,
         gradient_nodes=quad.nodes[-1] if group.gradient_chain else None,
         gradient_weights=quad.weights[-1] if group.gradient_chain else None,

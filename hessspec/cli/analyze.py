@@ -242,6 +242,11 @@ class _Reporter:
 )  # fmt: skip
 @click.option("--no-crosscheck", is_flag=True, help="Skip the Lanczos chain started from the gradient.")
 @click.option(
+    "--probes-per-pass", type=click.IntRange(min=1), default=None, show_default="all",
+    help="Evaluate at most G Lanczos chains (probes, then the gradient chain) per data pass, when the activations "
+    "of all at once do not fit; the groups run one after another. Changes no stored number.",
+)  # fmt: skip
+@click.option(
     "--step", type=click.IntRange(min=0), default=None,
     help="Step of a file that stores none and has no number in its name.",
 )  # fmt: skip
@@ -280,6 +285,7 @@ def analyze(
     basis_device: str,
     block_strategy: str,
     no_crosscheck: bool,
+    probes_per_pass: int | None,
     step: int | None,
     unsafe_load: bool,
     label: str | None,
@@ -323,6 +329,7 @@ def analyze(
             basis_dtype=basis_dtype,
             basis_device=basis_device,
             gradient_crosscheck=not no_crosscheck,
+            probes_per_pass=probes_per_pass,
         ),
         label=label,
     )

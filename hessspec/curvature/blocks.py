@@ -181,6 +181,11 @@ def block_probes(n: int, probes: int, seed: int, block: str) -> torch.Tensor:
     return torch.stack(columns, dim=1) / np.sqrt(n)
 
 
-def restart_generator(seed: int, block: str, device: torch.device) -> torch.Generator:
-    """The generator of a block's Lanczos restart vectors (seeded by a hash of seed and block name)."""
-    return torch.Generator(device=device).manual_seed(_probe_seed(seed, block, -1))
+def restart_seeds(seed: int, block: str, probes: int, gradient_chain: bool = False) -> list[int]:
+    """Seeds of the Lanczos restart vectors of a block's chains (one per probe, then the gradient chain's).
+
+    Chain ``i``'s seed is a hash of (seed, block name, i) alone, so its restarts do not change with the number of
+    probes or with the chains that run beside it.
+    """
+    seeds = [_probe_seed(seed, block, -1 - i) for i in range(probes)]
+    return seeds + ([_probe_seed(seed, f"{block}/gradient", -1)] if gradient_chain else [])

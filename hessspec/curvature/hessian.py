@@ -68,6 +68,20 @@ def _torch_func_unsupported(error: BaseException) -> bool:
     )
 
 
+def aligned_columns(V: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``V`` ([n, p]) in ``dtype``, column-major, every column starting on a 64-byte boundary.
+
+    Vectorised kernels round differently at different alignments; with every column aligned alike, a column's
+    product does not depend on its position in the block (nor on the block's width, under "reverse" and "loop").
+    """
+    n, p = V.shape
+    per_line = max(1, 64 // torch.empty((), dtype=dtype).element_size())
+    stride = -(-n // per_line) * per_line
+    buffer = torch.empty((p, stride), dtype=dtype, device=V.device)
+    buffer[:, :n] = V.T
+    return buffer[:, :n].T
+
+
 class HessianOperator:
     """Hessian of the mean loss over all examples of a fixed sequence of batches.
 
@@ -230,8 +244,9 @@ class HessianOperator:
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         # Column-major, so that each column (a backward's grad_outputs under "reverse") is contiguous, once per
-        # product rather than once per batch.
-        Vc = V.to(self.dtype).T.contiguous().T
+        # product rather than once per batch; each column aligned alike, so that its product is the same bits
+        # whichever columns are computed beside it.
+        Vc = aligned_columns(V, self.dtype)
 
         def compute() -> torch.Tensor:
             out = torch.zeros(V.shape, dtype=torch.float64, device=self.device)

@@ -109,7 +109,8 @@ class AnalysisJob:
         """The run's config as stored in the result file.
 
         Everything that changes the numbers (compared when resuming or merging), plus ``label``, ``device``,
-        ``data_root``, ``basis_device`` and ``world_size``, which ``hessspec.store`` ignores in that comparison.
+        ``data_root``, ``basis_device``, ``probes_per_pass`` and ``world_size``, which ``hessspec.store`` ignores in
+        that comparison.
 
         Args:
             device: the resolved device to record (default: ``self.device`` as given).
@@ -142,6 +143,7 @@ class AnalysisJob:
             "gradient_crosscheck": s.gradient_crosscheck,
             "device": device or self.device,
             "basis_device": s.basis_device,
+            "probes_per_pass": s.probes_per_pass,
             "block_strategy": self.block_strategy,
         }
         if data_root is not None:

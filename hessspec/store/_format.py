@@ -37,6 +37,7 @@ NON_NUMERIC_CONFIG_KEYS = (
     "sources",
     "data_root",
     "basis_device",
+    "probes_per_pass",
     "block_strategy",
     "num_workers",
     "shard",
