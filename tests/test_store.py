@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -476,19 +477,27 @@ def _start(script: str, *args) -> subprocess.Popen:
     )
 
 
+CHILD_DEADLINE_S = 300  # a child that never reaches its marker is killed, so a broken test fails instead of hanging
+
+
 def _read_until(proc: subprocess.Popen, marker: str) -> list[str]:
     lines = []
-    while True:
-        line = proc.stdout.readline()
-        if not line:
-            proc.wait()
-            error = proc.stderr.read()
-            proc.stdout.close()
-            proc.stderr.close()
-            pytest.fail(f"child exited ({proc.returncode}) before {marker!r}: {error}")
-        lines.append(line.strip())
-        if line.startswith(marker):
-            return lines
+    timer = threading.Timer(CHILD_DEADLINE_S, proc.kill)
+    timer.start()
+    try:
+        while True:
+            line = proc.stdout.readline()
+            if not line:
+                proc.wait()
+                error = proc.stderr.read()
+                proc.stdout.close()
+                proc.stderr.close()
+                pytest.fail(f"child exited ({proc.returncode}) before {marker!r}: {error[-2000:]}")
+            lines.append(line.strip())
+            if line.startswith(marker):
+                return lines
+    finally:
+        timer.cancel()
 
 
 def _kill(proc: subprocess.Popen) -> None:
