@@ -134,6 +134,7 @@ def run_demo(
     for r, name in zip(runs, config.runs, strict=True):
         plots.save_figure(plots.plot_density(r, layout="grid"), out / f"density_{name}.png")
         plots.save_figure(plots.plot_overlap(r, step=_peak_step(r)), out / f"overlap_{name}.png")
+    plots.save_figure(plots.plot_density(runs), out / "density.png")  # the runs side by side, same steps
     plots.save_figure(plots.plot_evolution(runs), out / "evolution.png")
 
     table = [_summarise(r) for r in runs]

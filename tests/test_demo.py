@@ -43,6 +43,7 @@ def test_tiny_demo_writes_results_figures_and_table(tmp_path):
         assert (tmp_path / f"density_{name}.png").stat().st_size > 10_000
         assert (tmp_path / f"overlap_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "evolution.png").exists()
+    assert (tmp_path / "density.png").stat().st_size > 10_000
     assert [row["run"] for row in table] == ["MLP, no BN", "MLP, BN"]
     assert all(np.isfinite(row["lambda1_peak"]) for row in table)
     assert "| run |" in (tmp_path / "summary.md").read_text()

@@ -129,19 +129,30 @@ def test_default_steps_spread_log_spaced_and_keep_first_and_last():
     assert np.allclose(np.diff(np.log(chosen)), np.log(5000) / 4, atol=0.06)
 
 
+def display_expected(c: CheckpointResult, grid: np.ndarray, sigma2: float = 1e-5, resolution: float = 0.25):
+    """The drawn density, from its definition: the paper's kernel, widened to ``resolution`` mean Ritz spacings."""
+    span = c.nodes.max() - c.nodes.min()
+    s2 = max(sigma2 * max(1.0, span), (resolution * span / c.nodes.shape[1]) ** 2)
+    return spectrum.density(c.nodes, c.weights, sigma2=s2 / max(1.0, span), grid=grid)
+
+
 def test_density_overlay_draws_the_stored_densities(runs):
     run = runs[0]
-    fig = plots.plot_density(run, steps=[10, 3000])
+    fig = plots.plot_density(run, steps=[10, 3000], layout="overlay")
     assert isinstance(fig, Figure)
     ax, strip = fig.axes
     lines = ax.get_lines()
     assert len(lines) == 2
     for line, step in zip(lines, [10, 3000], strict=True):
         c = next(c for c in run.checkpoints if c.step == step)
-        expected = spectrum.density(c.nodes, c.weights, grid=line.get_xdata())
+        expected = display_expected(c, line.get_xdata())
         np.testing.assert_allclose(line.get_ydata(), expected.values, rtol=1e-12, atol=0)
+        # The kernel resolves what m Ritz values can: at least a quarter of their mean spacing.
+        assert np.sqrt(expected.sigma2) >= 0.25 * (c.nodes.max() - c.nodes.min()) / c.lanczos_steps * (1 - 1e-12)
         # The grid is fine enough to resolve one isolated outlier: >= 4 points per kernel standard deviation.
         assert np.diff(line.get_xdata()).max() <= np.sqrt(expected.sigma2) / 4 + 1e-15
+    # Earlier steps are drawn on top of later ones.
+    assert lines[0].get_zorder() > lines[1].get_zorder()
     texts = legend_texts(ax.get_legend())
     assert texts[:2] == ["step 10", "step 3000"]
     assert ax.get_yscale() == "log"
@@ -152,7 +163,7 @@ def test_density_overlay_draws_the_stored_densities(runs):
     assert 1e-12 * peak <= bottom <= 1e-3 * peak and top >= peak
     # The floor shows a single isolated eigenvalue of n: weight 1/n, height 1/(n sqrt(2 pi s^2)).
     c = run.checkpoints[-1]
-    assert bottom < 1.0 / (c.n_params * np.sqrt(2 * np.pi * c.density().sigma2))
+    assert bottom < 1.0 / (c.n_params * np.sqrt(2 * np.pi * display_expected(c, c.nodes.ravel()).sigma2))
     lo, hi = ax.get_xlim()
     assert lo <= min(c.nodes.min() for c in run.checkpoints if c.step in (10, 3000))
     assert hi >= max(c.top_eigenvalues[0] for c in run.checkpoints if c.step in (10, 3000))
@@ -175,43 +186,80 @@ def test_density_marks_the_outliers_above_the_bulk_edge(runs):
             np.testing.assert_allclose(sorted(segment[0, 0] for segment in segments), expected)
             if layout == "overlay":
                 assert all(abs(segment[:, 1].mean() - row) < 1e-12 for segment in segments)
-    strip = plots.plot_density(run, steps=steps).axes[1]
+    strip = plots.plot_density(run, steps=steps, layout="overlay").axes[1]
     assert [t.get_text() for t in strip.get_yticklabels()] == ["10", "3000"]
     assert strip.get_xlim() == fig.axes[0].get_xlim()
 
 
-def test_density_default_steps_linear_scale_and_sigma2(runs):
+def test_density_default_steps_linear_scale_sigma2_and_the_raw_kernel(runs):
     run = runs[1]
-    fig = plots.plot_density(run, log=False, sigma2=1e-4)
+    fig = plots.plot_density(run, log=False, sigma2=1e-4, layout="overlay")
     ax = fig.axes[0]
     assert legend_texts(ax.get_legend()) == [f"step {s}" for s in plots.default_steps(STEPS)]
     assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0.0
     line = ax.get_lines()[-1]
     c = run.checkpoints[-1]
-    np.testing.assert_allclose(line.get_ydata(), c.density(1e-4, grid=line.get_xdata()).values, rtol=1e-12)
+    expected = display_expected(c, line.get_xdata(), sigma2=1e-4)
+    np.testing.assert_allclose(line.get_ydata(), expected.values, rtol=1e-12)
+    # resolution=0 draws the paper's kernel on the stored quadrature, unchanged.
+    line = plots.plot_density(run, steps=[c.step], resolution=0).axes[0].get_lines()[0]
+    np.testing.assert_allclose(line.get_ydata(), c.density(grid=line.get_xdata()).values, rtol=1e-12)
+    with pytest.raises(ValueError, match="resolution must be >= 0"):
+        plots.plot_density(run, resolution=-1)
 
 
-def test_density_grid_has_one_panel_per_step_with_shared_axes(runs):
+def test_density_grid_is_the_default_with_one_legible_panel_per_step(runs):
     run = runs[0]
     steps = [0, 30, 300, 1000, 3000]
-    fig = plots.plot_density(run, steps=steps, layout="grid")
+    fig = plots.plot_density(run, steps=steps)
     assert len(fig.axes) == len(steps)  # the sixth cell of the 2x3 grid is removed
     for ax, step in zip(fig.axes, steps, strict=True):
         (line,) = ax.get_lines()
         c = next(c for c in run.checkpoints if c.step == step)
-        np.testing.assert_allclose(line.get_ydata(), c.density(grid=line.get_xdata()).values, rtol=1e-12)
+        np.testing.assert_allclose(line.get_ydata(), display_expected(c, line.get_xdata()).values, rtol=1e-12)
         assert ax.get_title("left").startswith(f"step {step}")
         assert ax.get_yscale() == "log"
-        assert ax.get_xlim() == fig.axes[0].get_xlim() and ax.get_ylim() == fig.axes[0].get_ylim()
+        assert ax.get_ylim() == fig.axes[0].get_ylim()
+        # Each panel spans its own spectrum (no later, wider step squashes it into a spike at 0).
+        lo, hi = ax.get_xlim()
+        assert lo <= c.nodes.min() and hi >= c.nodes.max()
+        assert hi - lo <= 1.2 * (c.nodes.max() - c.nodes.min())
+    widths = {round(ax.get_xlim()[1] - ax.get_xlim()[0], 6) for ax in fig.axes}
+    assert len(widths) > 1  # the steps' spectra differ in width, and so do their axes
+    shared = plots.plot_density(run, steps=steps, sharex=True)
+    assert len({ax.get_xlim() for ax in shared.axes}) == 1
     assert all(ax.get_ylabel() == "density" for ax in fig.axes[::3])
     # Lowest panel of each column carries the x label: 1000 and 3000 in the bottom row, 300 above the empty cell.
     assert [ax.get_xlabel() for ax in fig.axes] == ["", "", "eigenvalue λ", "eigenvalue λ", "eigenvalue λ"]
     assert run.label in fig.get_suptitle()
 
 
+def test_density_of_several_runs_side_by_side(runs):
+    nobn, bn = runs
+    fig = plots.plot_density([nobn, bn], steps=[0, 100, 3000])
+    assert len(fig.axes) == 6  # one row per run, one column per step
+    for r, run in enumerate(runs):
+        assert fig.axes[3 * r].get_ylabel() == f"{run.label}\ndensity"
+        for i, step in enumerate([0, 100, 3000]):
+            ax = fig.axes[3 * r + i]
+            (line,) = ax.get_lines()
+            c = next(c for c in run.checkpoints if c.step == step)
+            np.testing.assert_allclose(line.get_ydata(), display_expected(c, line.get_xdata()).values, rtol=1e-12)
+            assert ax.get_title("left").startswith(f"step {step}")
+    # The BN run's spectra are narrower: their panels are not squashed by the no-BN run's range.
+    assert fig.axes[5].get_xlim()[1] < 0.2 * fig.axes[2].get_xlim()[1]
+    # Default steps: those both runs hold, up to 4; overlay: one panel per run.
+    assert len(plots.plot_density([nobn, bn]).axes) == 8
+    overlay = plots.plot_density([nobn, bn], layout="overlay", steps=[10, 3000])
+    panels = [ax for ax in overlay.axes if ax.get_ylabel() == "density"]
+    assert len(panels) == 2 and all(len(ax.get_lines()) == 2 for ax in panels)
+
+
 def test_density_errors_name_what_is_available(runs):
     with pytest.raises(ValueError, match="no checkpoints"):
         plots.plot_density(FakeRun("empty", ()))
+    with pytest.raises(ValueError, match="no results for ggn/all"):
+        plots.plot_density(runs[0], curvature="ggn")
     with pytest.raises(ValueError, match=r"no checkpoint at step 7; available steps: \[0, 10, 30, 100, 300"):
         plots.plot_density(runs[0], steps=[10, 7])
     with pytest.raises(ValueError, match="layout"):
@@ -285,11 +333,61 @@ def test_evolution_step_axis_scale_follows_the_steps():
     axes = axes_for((0, 5, 20, 3000))
     assert all(ax.get_xscale() == "symlog" for ax in axes)
     assert axes[0].xaxis.get_transform().linthresh == 5  # the smallest positive step
-    # Ticks at 0 and the decades above the linear part (no 10^0 crowding the 0).
-    np.testing.assert_array_equal(axes[0].get_xticks(), [0, 10, 100, 1000])
     assert axes_for((0, 10, 100, 3000))[0].xaxis.get_transform().linthresh == 10
     assert axes_for((5, 50, 500))[0].get_xscale() == "log"
     assert axes_for((0, 100, 200, 300))[0].get_xscale() == "linear"
+
+
+def tick_labels(ax, which="major") -> list[str]:
+    ax.figure.draw_without_rendering()
+    ticks = ax.xaxis.get_majorticklabels() if which == "major" else ax.xaxis.get_minorticklabels()
+    return [t.get_text() for t in ticks]
+
+
+def test_evolution_step_axis_is_labelled_at_analysed_steps(runs):
+    # The demo's steps: every one fits, written in full.
+    fig = plots.plot_evolution(runs)
+    ax = fig.axes[2]
+    np.testing.assert_array_equal(ax.get_xticks(), STEPS)
+    assert tick_labels(ax) == ["0", "10", "30", "100", "300", "1,000", "3,000"]
+    # Dense checkpoints: the first and the last labelled, others as long as they stay apart; every analysed step
+    # has a tick.
+    steps = (0, *range(1, 20), *range(20, 200, 10), *range(200, 5001, 200))
+    run = FakeRun("dense", synthetic_runs(steps, n=300, lanczos_steps=8, probes=2)[0].checkpoints)
+    ax = plots.plot_evolution([run], overlap_ranks=(1,)).axes[2]  # a bottom panel (the top ones share its axis)
+    major = list(ax.get_xticks())
+    assert major[0] == 0 and major[-1] == 5000 and 5 <= len(major) <= 10
+    assert set(major) <= set(steps) and set(ax.xaxis.get_minorticklocs()) | set(major) == set(steps)
+    where = ax.transData.transform(np.column_stack([major, np.ones(len(major))]))[:, 0]
+    width = ax.get_window_extent().width
+    assert np.diff(where).min() >= 0.1 * width
+    labels = tick_labels(ax)
+    assert labels[0] == "0" and labels[-1] == "5,000" and all(label.replace(",", "").isdigit() for label in labels)
+    assert plots.labelled_steps([0, 1, 2], "symlog", 1.0) == [0, 1, 2]
+
+
+def test_evolution_trace_band_below_zero_stays_on_a_log_axis():
+    checkpoints = list(synthetic_runs(n=300, lanczos_steps=8, probes=2)[1].checkpoints)
+    # Traces over two decades; at one step the standard error exceeds the trace, so trace - s.e. < 0.
+    traces = np.geomspace(2.0, 400.0, len(checkpoints))
+    checkpoints = [
+        replace(c, trace=float(t), trace_stderr=float(3 * t if i == 2 else 0.1 * t))
+        for i, (c, t) in enumerate(zip(checkpoints, traces, strict=True))
+    ]
+    ax = plots.plot_evolution([FakeRun("noisy", tuple(checkpoints))]).axes[2]
+    assert ax.get_yscale() == "log"
+    bottom, top = ax.get_ylim()
+    assert 0 < bottom <= traces.min() / 2 and top >= (traces * 1.1).max()
+    (band,) = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert np.all(np.isfinite(ys)) and ys.min() >= bottom * (1 - 1e-12)
+    # The band is cut at the bottom of the axis where it goes below zero, exact elsewhere.
+    lower = np.array([c.trace - c.trace_stderr for c in checkpoints])
+    assert np.isclose(ys, bottom).any()
+    for value in lower[lower > bottom]:
+        assert np.isclose(ys, value).any()
+    for value in [c.trace + c.trace_stderr for c in checkpoints]:
+        assert np.isclose(ys, value).any()
 
 
 def test_evolution_missing_eigenvalues_and_ranks(runs):
@@ -315,6 +413,96 @@ def test_evolution_errors(runs):
         plots.plot_evolution([runs[0], FakeRun("empty", ())])
     with pytest.raises(ValueError, match="k_eigs"):
         plots.plot_evolution(runs, k_eigs=0)
+
+
+# --- curvatures and blocks -----------------------------------------------------------------------------------
+
+
+BLOCKS = ("features", "classifier")
+
+
+@pytest.fixture(scope="module")
+def block_run(runs, tmp_path_factory):
+    """A stored run with per-block Hessian results and the GGN of the whole model, read back with the store."""
+    from hessspec.store import ResultWriter, load_results
+
+    rng = np.random.default_rng(5)
+    path = tmp_path_factory.mktemp("blocks") / "run.h5"
+    with ResultWriter(path, label="MLP, no BN", config={}) as writer:
+        for whole in runs[0].checkpoints:
+            items = [whole, replace(whole, curvature="ggn", trace=0.9 * whole.trace)]
+            for b, (lam, scale) in enumerate([(30.0, 0.05), (3.0, 0.01)]):
+                c = synthetic_checkpoint(whole.step, lam, 0.5, 0.2, scale, rng, n=400, lanczos_steps=20, probes=2)
+                items.append(replace(c, block=BLOCKS[b]))
+            writer.write(items)
+    return load_results(path)
+
+
+def test_blocks_grid_draws_each_blocks_density_on_one_axis(block_run):
+    fig = plots.plot_blocks(block_run, steps=[0, 3000])
+    assert len(fig.axes) == 4  # rows: blocks; columns: steps
+    for r, block in enumerate(BLOCKS):
+        assert fig.axes[2 * r].get_ylabel().startswith(block)
+        for i, step in enumerate([0, 3000]):
+            ax = fig.axes[2 * r + i]
+            (line,) = ax.get_lines()
+            c = block_run.get(step, block=block)
+            np.testing.assert_allclose(line.get_ydata(), display_expected(c, line.get_xdata()).values, rtol=1e-12)
+    assert len({ax.get_xlim() for ax in fig.axes}) == 1 and len({ax.get_ylim() for ax in fig.axes}) == 1
+    lo, hi = fig.axes[0].get_xlim()
+    assert hi >= max(block_run.get(s, block=b).nodes.max() for s in (0, 3000) for b in BLOCKS)
+    assert fig.axes[0].get_title("left").startswith("step 0") and fig.axes[1].get_title("left").startswith("step 3000")
+    assert block_run.label in fig.get_suptitle()
+    assert len(plots.plot_blocks(block_run).axes) == 2 * 3  # default: 3 steps
+    assert len(plots.plot_blocks(block_run, blocks=["all", "classifier"], steps=[10]).axes) == 2
+    with pytest.raises(ValueError, match="no per-block results for ggn"):
+        plots.plot_blocks(block_run, curvature="ggn")
+    with pytest.raises(ValueError, match="no results for hessian/head"):
+        plots.plot_blocks(block_run, blocks=["head"])
+
+
+def test_evolution_of_curvatures_and_blocks(block_run):
+    fig = plots.plot_evolution([block_run], curvatures=["hessian", "ggn"])
+    trace = lines_by_label(fig.axes[2])
+    for curvature in ("hessian", "ggn"):
+        expected = [c.trace for c in block_run.select(curvature, "all")]
+        np.testing.assert_array_equal(trace[f"{curvature}: trace"].get_ydata(), expected)
+    assert legend_texts(fig.legends[0]) == ["hessian", "ggn"]
+    assert fig.axes[2].get_ylabel() == "trace"
+    fig = plots.plot_evolution([block_run, block_run], blocks=BLOCKS, k_eigs=1)
+    eig = lines_by_label(fig.axes[0])
+    assert sorted(eig) == sorted(f"MLP, no BN, {b}: λ1" for b in BLOCKS)
+    np.testing.assert_array_equal(
+        eig["MLP, no BN, classifier: λ1"].get_ydata(), [c.lambda_max for c in block_run.select("hessian", "classifier")]
+    )
+    with pytest.raises(ValueError, match="no results for ggn/features"):
+        plots.plot_evolution([block_run], curvatures=["ggn"], blocks=["features"])
+
+
+def test_plot_commands_for_blocks_curvatures_and_several_files(block_run, tmp_path):
+    from click.testing import CliRunner
+
+    from hessspec.cli import cli
+    from hessspec.cli import plot as plot_cli
+
+    assert plot_cli.DEFAULT_RESOLUTION == plots.DEFAULT_RESOLUTION
+    runner = CliRunner()
+    path = block_run.path
+    commands = [
+        ["density", path, path, "--steps", "0,3000"],
+        ["density", path, "--curvature", "ggn", "--layout", "overlay"],
+        ["blocks", path, "--steps", "10", "--block", "classifier"],
+        ["evolution", path, "--curvature", "hessian", "--curvature", "ggn"],
+        ["evolution", path, "--block", "features", "--block", "classifier"],
+    ]
+    for i, args in enumerate(commands):
+        out = tmp_path / f"fig{i}.png"
+        result = runner.invoke(cli, ["plot", *args, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = runner.invoke(cli, ["plot", "blocks", path, "--curvature", "ggn", "--block", "x", "--out", "f.png"])
+    assert result.exit_code == 1
+    assert "holds no results for curvature 'ggn', block 'x' (it holds hessian/all, hessian/features" in result.output
 
 
 # --- plot_overlap ---------------------------------------------------------------------------------------------
@@ -354,6 +542,7 @@ def all_figures(runs) -> list[Figure]:
         plots.plot_density(runs[1], layout="grid"),
         plots.plot_evolution(runs),
         plots.plot_overlap(runs[1]),
+        plots.plot_density(list(runs), layout="overlay"),
     ]
 
 
