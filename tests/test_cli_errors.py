@@ -392,3 +392,25 @@ def test_demo_registration_is_robust(runner, monkeypatch):
     result = runner.invoke(cli, ["--help"])
     assert result.exit_code == 0 and "demo" in result.output
     assert_one_error(runner.invoke(cli, ["demo"]), "cannot be loaded")
+
+
+# -- curvatures and blocks ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--blocks", "layers"], ["--blocks", "expected tensors, modules or NAME=REGEX"]),
+        (["--blocks", "a=("], ["--blocks", "not a valid regular expression"]),
+        (["--blocks", "all=weight"], ["--blocks", "reserved"]),
+        (["--blocks", "a=weight", "--blocks", "a=bias"], ["--blocks", "given twice"]),
+        (["--curvature", "fisher"], ["--curvature", "fisher"]),
+        (["--blocks", "w=weight", "--blocks", "first=^layers\\.1\\."], ["'layers.1.weight' is in two blocks"]),
+        (["--blocks", "none=^nothing"], ["'none' matches no selected parameter"]),
+        (["--params", "^layers\\.3\\.", "--blocks", "first=^layers\\.1\\."], ["'first' matches no selected"]),
+    ],
+)
+def test_bad_curvatures_and_blocks(runner, ckpts, tmp_path, args, fragments):
+    result = analyze(runner, str(ckpts / "ckpt_00000.pt"), *args, "--out", str(tmp_path / "o.h5"))
+    assert_one_error(result, *fragments)
+    assert not (tmp_path / "o.h5").exists()

@@ -155,8 +155,8 @@ def test_main_process_records_world_size_and_writes_only_verified_results(ckpts,
 def test_memory_is_checked_inside_a_sync_block_before_the_data_passes(ckpts, tmp_path, monkeypatch):
     calls, seen = [], []
 
-    def check_memory(n, settings, chains, device):
-        calls.append((n, chains, device))
+    def check_memory(n, settings, chains, device, block_sizes=()):
+        calls.append((n, chains, device, block_sizes))
         raise MemoryError("the Lanczos bases need 9.00 GiB")
 
     def analyze(*args, **kwargs):
@@ -165,12 +165,12 @@ def test_memory_is_checked_inside_a_sync_block_before_the_data_passes(ckpts, tmp
     sync = _recording_sync(seen)
 
     monkeypatch.setattr(pipeline, "check_memory", check_memory)
-    monkeypatch.setattr(pipeline, "analyze", analyze)
+    monkeypatch.setattr(pipeline, "analyze_many", analyze)
     with pytest.raises(MemoryError, match="9.00 GiB"):
         run(job(), [ckpts / "ckpt_00020.pt"], tmp_path / "o.h5", sync=sync)
     assert seen == [("checking memory for step 20", "MemoryError")]
     # The estimate of analysis.analyze: every parameter, the probes plus the gradient chain, on the model's device.
-    assert calls == [(64 * 8 + 8 + 8 * 10 + 10, SETTINGS.probes + 1, torch.device("cpu"))]
+    assert calls == [(64 * 8 + 8 + 8 * 10 + 10, SETTINGS.probes + 1, torch.device("cpu"), ())]
     assert load_results(tmp_path / "o.h5").steps == ()
 
 
@@ -188,7 +188,7 @@ def test_prepare_builds_once_and_analysis_leaves_the_model_as_loaded(ckpts):
     prepared = prepare(job())
     assert prepared.num_params == 64 * 8 + 8 + 8 * 10 + 10 and prepared.num_examples == 120
     plan = plan_checkpoints([ckpts])
-    result = analyze_checkpoint(prepared, plan[1])
+    (result,) = analyze_checkpoint(prepared, plan[1])
     saved = torch.load(plan[1].path, weights_only=True)["model"]
     for name, tensor in prepared.model.state_dict().items():
         assert torch.equal(tensor, saved[name])

@@ -162,9 +162,9 @@ class _Reporter:
         self.progress.clear()
         if report is not None:
             elapsed = format_duration(time.monotonic() - self.started)
+            checkpoints = len({(r.step, r.sha256) for r in report.analysed})
             self.say(
-                f"done: {len(report.analysed)} analysed, {len(report.skipped)} skipped, in {elapsed}; "
-                f"results in {report.out}",
+                f"done: {checkpoints} analysed, {len(report.skipped)} skipped, in {elapsed}; results in {report.out}",
                 err=True,
             )
 
@@ -240,6 +240,18 @@ class _Reporter:
     "(plain autograd, double backward); auto picks one and falls back to reverse for models torch.func cannot "
     "transform. Changes rounding only.",
 )  # fmt: skip
+@click.option(
+    "--curvature", "curvatures", multiple=True, default=("hessian",), show_default=True,
+    type=click.Choice(["hessian", "ggn", "empirical-fisher", "gradient-covariance", "residual"]),
+    help="Matrix to analyse (repeatable; all share the data passes): the Hessian H, the generalised Gauss-Newton G "
+    "(the Fisher for cross-entropy), the empirical Fisher F, the gradient covariance F - gg^T, the residual H - G.",
+)  # fmt: skip
+@click.option(
+    "--blocks", "blocks", multiple=True, metavar="tensors|modules|NAME=REGEX",
+    help="Also analyse the diagonal block of each parameter group (repeatable; in the same data passes): one per "
+    "parameter tensor, one per module, or the parameters whose names match REGEX. Parameters in no group are left "
+    "out of the blocks; overlapping groups are an error.",
+)  # fmt: skip
 @click.option("--no-crosscheck", is_flag=True, help="Skip the Lanczos chain started from the gradient.")
 @click.option(
     "--probes-per-pass", type=click.IntRange(min=1), default=None, show_default="all",
@@ -284,6 +296,8 @@ def analyze(
     basis_dtype: str,
     basis_device: str,
     block_strategy: str,
+    curvatures: tuple[str, ...],
+    blocks: tuple[str, ...],
     no_crosscheck: bool,
     probes_per_pass: int | None,
     step: int | None,
@@ -330,6 +344,8 @@ def analyze(
             basis_device=basis_device,
             gradient_crosscheck=not no_crosscheck,
             probes_per_pass=probes_per_pass,
+            curvatures=tuple(dict.fromkeys(curvatures)),
+            blocks=_check_blocks(blocks),
         ),
         label=label,
     )
@@ -377,6 +393,17 @@ def analyze(
         finally:
             reporter.close(report)
             distributed.shutdown(ctx)
+
+
+def _check_blocks(blocks: tuple[str, ...]) -> tuple[str, ...]:
+    from hessspec.curvature.blocks import BlockError, check_block_specs
+
+    try:
+        return check_block_specs(blocks)
+    except BlockError as error:
+        raise click.BadParameter(
+            str(error).removeprefix("--blocks: ").removeprefix("--blocks "), param_hint="--blocks"
+        ) from None
 
 
 def _known_to_all_ranks(error: BaseException) -> bool:

@@ -114,10 +114,15 @@ class CurvatureOperator(HessianOperator):
         check_curvature(curvature)
         super().__init__(model, batches, loss_fn, **kwargs)
         self.curvature = curvature
-        self._per_unit = _per_unit_function(self.loss_fn)
+        self._per_unit_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
         self._mean_gradient: torch.Tensor | None = None
 
     # -- per-batch functions --------------------------------------------------------------------------------
+    def _per_unit(self, output: torch.Tensor, y: Any) -> torch.Tensor:
+        if self._per_unit_fn is None:  # resolved when first needed: the Hessian alone works with any loss
+            self._per_unit_fn = _per_unit_function(self.loss_fn)
+        return self._per_unit_fn(output, y)
+
     def _batch_gauss_newton(
         self, VG: torch.Tensor, VF: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale: float
     ) -> torch.Tensor:

@@ -45,8 +45,8 @@ class AnalysisJob:
             None for all parameters that require gradients.
         block_strategy: how the operator evaluates a block of probes ("auto", "vmap", "loop" or "reverse"; see
             :class:`~hessspec.curvature.hessian.HessianOperator`). It changes rounding only, so resuming ignores it.
-        settings: the SLQ settings (seed, Lanczos steps, probes, ...); ``settings.seed`` also draws the
-            ``samples`` subset.
+        settings: the SLQ settings (seed, Lanczos steps, probes, the curvatures and parameter blocks analysed,
+            ...); ``settings.seed`` also draws the ``samples`` subset.
         label: the run's name in the result file; None keeps the file's label (a new file gets its own stem).
     """
 
@@ -146,6 +146,12 @@ class AnalysisJob:
             "probes_per_pass": s.probes_per_pass,
             "block_strategy": self.block_strategy,
         }
+        # Recorded only when other than the default (the whole-model Hessian), so files written before they
+        # existed keep resuming.
+        if s.curvatures != ("hessian",):
+            config["curvatures"] = list(s.curvatures)
+        if s.blocks:
+            config["blocks"] = list(s.blocks)
         if data_root is not None:
             config["data_root"] = data_root
         if world_size > 1:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from hessspec._paths import make_parent, output_problem
-from hessspec.analysis import analyze, check_memory
+from hessspec.analysis import analyze_many, check_memory
 from hessspec.checkpoints import (
     apply_state_dict,
     expand_checkpoint_paths,
@@ -35,7 +35,9 @@ from hessspec.checkpoints import (
     resolve_step,
     step_from_filename,
 )
-from hessspec.curvature.hessian import HessianOperator, check_block_strategy
+from hessspec.curvature.blocks import BlockError, resolve_blocks
+from hessspec.curvature.gauss_newton import CurvatureOperator
+from hessspec.curvature.hessian import check_block_strategy
 from hessspec.curvature.problem import Batch, batch_norm_layers, check_bn_mode
 from hessspec.results import CheckpointResult
 from hessspec.runner.job import (
@@ -67,6 +69,7 @@ class Prepared:
         selector: the parameter selector given to :class:`HessianOperator` (None for all).
         total_examples: examples analysed by all processes together (``num_examples`` in one process).
         total_batches: batches of all processes together (``len(batches)`` in one process).
+        block_sizes: the sizes of the parameter blocks of ``job.settings.blocks`` (empty for none).
     """
 
     job: AnalysisJob
@@ -79,6 +82,7 @@ class Prepared:
     selector: Callable[[str, nn.Parameter], bool] | None
     total_examples: int
     total_batches: int
+    block_sizes: tuple[int, ...] = ()
 
 
 def _first_line(error: BaseException) -> str:
@@ -153,6 +157,10 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
 
     check_bn_mode(job.bn_mode)
     check_block_strategy(job.block_strategy)
+    try:
+        job.settings.check()
+    except ValueError as error:
+        raise PipelineError(str(error)) from None
     dtype = parse_dtype(job.dtype)
     device = resolve_device(job.device)
     selector = parameter_filter(job.params)
@@ -178,6 +186,10 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
         msg = f"--params {job.params!r} matches no parameter of {job.model!r}; its parameters are e.g. {shown}"
         raise PipelineError(msg)
     params = dict(model.named_parameters())
+    try:
+        blocks = resolve_blocks(job.settings.blocks, names, [params[name].numel() for name in names])
+    except BlockError as error:
+        raise PipelineError(str(error)) from None
     return Prepared(
         job=job,
         model=model,
@@ -189,6 +201,7 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
         selector=selector,
         total_examples=total_examples,
         total_batches=total_batches,
+        block_sizes=tuple(block.n for block in blocks),
     )
 
 
@@ -258,7 +271,7 @@ def check_lanczos_memory(prepared: Prepared) -> None:
     """
     settings = prepared.job.settings
     chains = settings.probes + int(settings.gradient_crosscheck)
-    check_memory(prepared.num_params, settings, chains, prepared.device)
+    check_memory(prepared.num_params, settings, chains, prepared.device, block_sizes=prepared.block_sizes)
 
 
 def load_weights(prepared: Prepared, item: PlannedCheckpoint, *, unsafe: bool = False) -> str:
@@ -288,8 +301,9 @@ def analyze_loaded(
     *,
     all_reduce: AllReduce | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> CheckpointResult:
-    """Analyse the Hessian of the weights currently in the prepared model (see :func:`load_weights`).
+) -> tuple[CheckpointResult, ...]:
+    """Analyse the curvatures and blocks of the job's settings for the weights currently in the prepared model
+    (see :func:`load_weights`), all in the same data passes.
 
     Args:
         prepared: from :func:`prepare`.
@@ -299,13 +313,14 @@ def analyze_loaded(
         progress: called as ``progress(done, total)`` after each Lanczos step.
 
     Returns:
-        The result.
+        One result per (curvature, block), the whole-model result of the first curvature first (see
+        :func:`hessspec.analysis.analyze_many`).
 
     Raises:
         ValueError, FloatingPointError, hessspec.curvature.hessian.DeterminismError, MemoryError: from
-            :func:`hessspec.analysis.analyze`.
+            :func:`hessspec.analysis.analyze_many`.
     """
-    operator = HessianOperator(
+    operator = CurvatureOperator(
         prepared.model,
         prepared.batches,
         bn_mode=prepared.job.bn_mode,
@@ -314,7 +329,7 @@ def analyze_loaded(
         all_reduce=all_reduce,
         block_strategy=prepared.job.block_strategy,
     )
-    return analyze(
+    return analyze_many(
         operator,
         prepared.job.settings,
         step=item.step,
@@ -332,8 +347,8 @@ def analyze_checkpoint(
     unsafe: bool = False,
     all_reduce: AllReduce | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> CheckpointResult:
-    """Load one checkpoint into the prepared model and analyse its Hessian (:func:`load_weights`, then
+) -> tuple[CheckpointResult, ...]:
+    """Load one checkpoint into the prepared model and analyse it (:func:`load_weights`, then
     :func:`analyze_loaded`).
 
     Raises:
@@ -368,7 +383,7 @@ class RunReport:
 
     Attributes:
         out: the result file.
-        analysed: the new results, in step order.
+        analysed: the new results, in step order (one per checkpoint, curvature and block).
         skipped: the checkpoints that were already stored.
     """
 
@@ -520,17 +535,20 @@ def run(
             # Here, for every checkpoint, rather than once: the free memory it measures changes between them.
             with guard(f"checking memory for step {item.step}"):
                 check_lanczos_memory(prepared)
-            result = analyze_loaded(
+            results = analyze_loaded(
                 prepared, item, sha256, all_reduce=all_reduce, progress=observer.lanczos_step if is_main else None
             )
             if verify is not None:
-                verify(result, f"step {item.step}")
+                for result in results:
+                    whole_hessian = (result.curvature, result.block) == ("hessian", "all")
+                    what = "" if whole_hessian else f" ({result.curvature}, {result.block})"
+                    verify(result, f"step {item.step}{what}")
             with guard(f"writing step {item.step} to {out}"):
                 if writer is not None:
-                    writer.write(result)
-            analysed.append(result)
+                    writer.write(results if len(results) > 1 else results[0])
+            analysed.extend(results)
             if is_main:
-                observer.finished(item, result)
+                observer.finished(item, results[0])
     finally:
         if writer is not None:
             writer.close()
