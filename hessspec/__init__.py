@@ -21,6 +21,7 @@ _EXPORTS = {
     # numerical core
     "HessianOperator": "hessspec.curvature.hessian",
     "DeterminismError": "hessspec.curvature.hessian",
+    "CurvatureOperator": "hessspec.curvature.gauss_newton",
     "lanczos": "hessspec.linalg.lanczos",
     "LanczosResult": "hessspec.linalg.lanczos",
     "quadrature": "hessspec.linalg.spectrum",
@@ -28,12 +29,14 @@ _EXPORTS = {
     "trace_estimate": "hessspec.linalg.spectrum",
     "negative_mass": "hessspec.linalg.spectrum",
     "bulk_edge": "hessspec.linalg.spectrum",
+    "js_distance": "hessspec.linalg.spectrum",
     "Quadrature": "hessspec.linalg.spectrum",
     "Density": "hessspec.linalg.spectrum",
     "ritz_pairs": "hessspec.linalg.overlap",
     "gradient_overlap": "hessspec.linalg.overlap",
     # one checkpoint
     "analyze": "hessspec.analysis",
+    "analyze_many": "hessspec.analysis",
     "AnalysisSettings": "hessspec.analysis",
     "CheckpointResult": "hessspec.results",
     # files, models, data, pipeline

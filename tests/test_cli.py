@@ -284,3 +284,24 @@ def test_docs_cli_md_is_up_to_date():
     spec.loader.exec_module(module)
     current = (ROOT / "docs" / "CLI.md").read_text(encoding="utf-8")
     assert current == module.render(), "docs/CLI.md is out of date: run python scripts/gen_cli_docs.py"
+
+
+def test_analyze_curvatures_and_blocks_then_info(workdir, tmp_path):
+    from click.testing import CliRunner
+
+    from hessspec.cli import cli
+
+    out = tmp_path / "gn.h5"
+    args = ["analyze", str(workdir / "ckpts" / "ckpt_00040.pt"), *MODEL, *SETTINGS, "--out", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--curvature", "hessian", "--curvature", "ggn", "--curvature", "residual",
+                                      "--blocks", "modules"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run = load_results(out)
+    assert run.curvatures == ("hessian", "ggn", "residual") and run.blocks == ("all", "layers.1", "layers.3")
+    assert run.config["curvatures"] == ["hessian", "ggn", "residual"] and run.config["blocks"] == ["modules"]
+    h, g, r = (run.get(40, curvature=c) for c in ("hessian", "ggn", "residual"))
+    # tr(H) = tr(G) + tr(R) on the same probes, to the rounding of float32 products.
+    assert h.trace == pytest.approx(g.trace + r.trace, rel=1e-4, abs=1e-4 * abs(h.trace))
+    assert run.get(40, curvature="ggn", block="layers.3").n_params == 8 * 10 + 10
+    info = CliRunner().invoke(cli, ["info", str(out)])
+    assert info.exit_code == 0 and "ggn" in info.output and "layers.3" in info.output

@@ -288,3 +288,33 @@ def test_progress_helpers():
     assert bar(0.5, 4) == "[##--]" and bar(2.0, 2) == "[##]"
     assert format_duration(61) == "1:01" and format_duration(3661) == "1:01:01"
     assert format_duration(float("nan")) == "?"
+
+
+def test_curvatures_and_blocks_are_stored_and_resumed_by_what_is_missing(ckpts, tmp_path):
+    """All (curvature, block) results of a checkpoint come from one analysis in shared passes; a rerun asking for
+    more computes the checkpoints that lack something and writes only what is missing."""
+    out = tmp_path / "c.h5"
+    first = job(settings=AnalysisSettings(lanczos_steps=8, probes=2, top_k=3, blocks=("modules",)))
+    report = run(first, [ckpts / "ckpt_00020.pt"], out)
+    kinds = [("hessian", "all"), ("hessian", "layers.1"), ("hessian", "layers.3")]
+    assert [(r.curvature, r.block) for r in report.analysed] == kinds
+    stored = load_results(out)
+    hessian = stored.get(20, block="layers.1")
+    assert hessian.n_params == 64 * 8 + 8 and hessian.lanczos_steps == 8
+    # The whole-model result is that of a run without blocks (same probes, same chains).
+    alone = run(job(), [ckpts / "ckpt_00020.pt"], tmp_path / "alone.h5").analysed[0]
+    assert (stored.get(20).top_eigenvalues == alone.top_eigenvalues).all()
+
+    more = job(settings=AnalysisSettings(lanczos_steps=8, probes=2, top_k=3, blocks=("modules",),
+                                         curvatures=("hessian", "ggn")))  # fmt: skip
+    report = run(more, [ckpts / "ckpt_00020.pt", ckpts / "ckpt_00040.pt"], out)
+    assert [(r.step, r.curvature, r.block) for r in report.analysed] == [
+        (20, "ggn", "all"), (20, "ggn", "layers.1"), (20, "ggn", "layers.3"),
+        *((40, c, b) for c in ("hessian", "ggn") for b in ("all", "layers.1", "layers.3")),
+    ]  # fmt: skip
+    stored = load_results(out)
+    assert (stored.get(20, block="layers.1").nodes == hessian.nodes).all()  # kept, not recomputed
+    ggn = stored.get(40, curvature="ggn", block="layers.3")
+    assert ggn.curvature == "ggn" and ggn.n_params == 8 * 10 + 10
+    assert float(ggn.nodes.min()) > -1e-6 * float(ggn.nodes.max())  # G is positive semi-definite
+    assert run(more, [ckpts / "ckpt_00020.pt", ckpts / "ckpt_00040.pt"], out).analysed == ()

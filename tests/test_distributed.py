@@ -181,10 +181,10 @@ def _scenario_pipeline(ctx, out, outdir):
 
     real_check_memory = pipeline.check_memory
 
-    def short_on_rank1(n, settings, chains, device):  # rank 1 alone lacks memory for the Lanczos bases
+    def short_on_rank1(n, settings, chains, device, **kwargs):  # rank 1 alone lacks memory for the Lanczos bases
         if ctx.rank == 1:
             raise MemoryError("the Lanczos bases need 9.00 GiB but cpu has 1.00 GiB free")
-        return real_check_memory(n, settings, chains, device)
+        return real_check_memory(n, settings, chains, device, **kwargs)
 
     pipeline.check_memory = short_on_rank1
     try:

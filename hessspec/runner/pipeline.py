@@ -69,7 +69,7 @@ class Prepared:
         selector: the parameter selector given to :class:`HessianOperator` (None for all).
         total_examples: examples analysed by all processes together (``num_examples`` in one process).
         total_batches: batches of all processes together (``len(batches)`` in one process).
-        block_sizes: the sizes of the parameter blocks of ``job.settings.blocks`` (empty for none).
+        blocks: the names and sizes of the parameter blocks of ``job.settings.blocks`` (empty for none).
     """
 
     job: AnalysisJob
@@ -82,7 +82,13 @@ class Prepared:
     selector: Callable[[str, nn.Parameter], bool] | None
     total_examples: int
     total_batches: int
-    block_sizes: tuple[int, ...] = ()
+    blocks: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def kinds(self) -> tuple[tuple[str, str], ...]:
+        """The ``(curvature, block)`` pairs each checkpoint's analysis yields, in the order it yields them."""
+        names = ["all", *(name for name, _ in self.blocks)]
+        return tuple((curvature, name) for curvature in self.job.settings.curvatures for name in names)
 
 
 def _first_line(error: BaseException) -> str:
@@ -201,7 +207,7 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
         selector=selector,
         total_examples=total_examples,
         total_batches=total_batches,
-        block_sizes=tuple(block.n for block in blocks),
+        blocks=tuple((block.name, block.n) for block in blocks),
     )
 
 
@@ -271,7 +277,8 @@ def check_lanczos_memory(prepared: Prepared) -> None:
     """
     settings = prepared.job.settings
     chains = settings.probes + int(settings.gradient_crosscheck)
-    check_memory(prepared.num_params, settings, chains, prepared.device, block_sizes=prepared.block_sizes)
+    block_sizes = tuple(n for _, n in prepared.blocks)
+    check_memory(prepared.num_params, settings, chains, prepared.device, block_sizes=block_sizes)
 
 
 def load_weights(prepared: Prepared, item: PlannedCheckpoint, *, unsafe: bool = False) -> str:
@@ -374,7 +381,8 @@ class Observer:
         """After each Lanczos step of the current checkpoint."""
 
     def finished(self, item: PlannedCheckpoint, result: CheckpointResult) -> None:
-        """The result of ``item`` is computed (and, on the main process, written)."""
+        """The results of ``item`` are computed (and, on the main process, written); ``result`` is the first of
+        them, the whole-model result of the first curvature."""
 
 
 @dataclass(frozen=True)
@@ -509,27 +517,30 @@ def run(
     if job.label is None and not os.path.exists(out):
         job = replace(job, label=Path(out).stem)
     writer = None
-    stored: list[bool] = [False] * len(plan)
+    # Per checkpoint, the (curvature, block) results still to compute; a checkpoint is done when none is missing.
+    missing: list[tuple[tuple[str, str], ...]] = [prepared.kinds] * len(plan)
     try:
         with guard(f"opening {out}"):
             if is_main:
                 config = job.config(device=str(prepared.device), world_size=world_size)
                 make_parent(out)
                 writer = ResultWriter(out, label=job.label, config=config, force=force)
-                stored = [writer.has(c.step, c.sha256) for c in plan]
-        done = [_agree(flag, all_reduce, prepared.device) for flag in stored]
+                writer.check_kinds(prepared.kinds)
+                missing = [writer.missing(c.step, c.sha256, prepared.kinds) for c in plan]
+        done = [_agree(not wanted, all_reduce, prepared.device) for wanted in missing]
         if is_main:
             observer.planned(plan, done, prepared)
         todo = [item for item, is_done in zip(plan, done, strict=True) if not is_done]
-        analysed, skipped = [], []
-        for item, is_done in zip(plan, done, strict=True):
+        analysed, skipped, started = [], [], 0
+        for item, is_done, wanted in zip(plan, done, missing, strict=True):
             if is_done:
                 skipped.append(item)
                 if is_main:
                     observer.skipped(item)
                 continue
             if is_main:
-                observer.started(item, len(analysed), len(todo))
+                observer.started(item, started, len(todo))
+            started += 1
             with guard(f"loading {item.path}"):
                 sha256 = load_weights(prepared, item, unsafe=unsafe)
             # Here, for every checkpoint, rather than once: the free memory it measures changes between them.
@@ -543,10 +554,13 @@ def run(
                     whole_hessian = (result.curvature, result.block) == ("hessian", "all")
                     what = "" if whole_hessian else f" ({result.curvature}, {result.block})"
                     verify(result, f"step {item.step}{what}")
+            # Every process computes all of the checkpoint's results (they share the passes); the main process
+            # writes those the file lacks (others of the checkpoint may be stored from an earlier run).
+            new = tuple(result for result in results if (result.curvature, result.block) in wanted)
             with guard(f"writing step {item.step} to {out}"):
                 if writer is not None:
-                    writer.write(results if len(results) > 1 else results[0])
-            analysed.extend(results)
+                    writer.write(new)
+            analysed.extend(new)
             if is_main:
                 observer.finished(item, results[0])
     finally:

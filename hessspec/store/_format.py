@@ -30,6 +30,10 @@ FORMAT_VERSION = 2  # what new files are written as; every version from 1 up to 
 # The device is here on purpose: moving a resumed run to another GPU (or the CPU) changes rounding, not results.
 NON_NUMERIC_CONFIG_KEYS = (
     "label",
+    # Which curvatures and parameter blocks a run asks for: each result is stored with its (curvature, block), and
+    # a run that asks for more computes what the file lacks.
+    "curvatures",
+    "blocks",
     "out",
     "output",
     "device",
