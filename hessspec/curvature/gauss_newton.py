@@ -5,8 +5,11 @@ With ``U`` units (examples, or target tokens for a language model) of per-unit l
 ``J_b = d f_b / d theta`` their Jacobian. The family:
 
 - ``ggn``: the generalised Gauss-Newton matrix ``G = (1/U) sum_b J_b^T H_l,b J_b`` with ``H_l,b`` the Hessian of
-  the batch's summed loss in the outputs ``f_b``. For cross-entropy (and ``nll``, ``lm``) it equals the Fisher
-  information of the model's predictive distribution; for ``mse`` it is ``(2/U) sum_b J_b^T J_b``.
+  the batch's summed loss in the outputs ``f_b``. For cross-entropy on logits (and ``lm``, per token) it equals
+  the Fisher information of the model's predictive distribution; for ``mse`` it is ``(2/U) sum_b J_b^T J_b``. The
+  split is where the model's output meets the loss: ``nll`` is linear in its input (log-probabilities), so with a
+  model ending in ``log_softmax`` G = 0 and R = H; put the softmax into the loss (cross-entropy on the logits) to
+  get the Fisher.
 - ``empirical-fisher``: ``F = (1/U) sum_u g_u g_u^T`` with ``g_u = d l_u / d theta`` the per-unit gradients.
 - ``gradient-covariance``: ``C = F - g g^T`` with ``g = (1/U) sum_u g_u`` the gradient of ``L``: the covariance of
   the per-unit gradients (the uncentred ``F`` minus the outer product of their mean).
