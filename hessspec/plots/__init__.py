@@ -21,18 +21,18 @@ from __future__ import annotations
 from hessspec.plots._style import PALETTE, RunLike, save_figure
 from hessspec.plots.blocks import plot_blocks
 from hessspec.plots.density import DEFAULT_RESOLUTION, default_steps, display_density, plot_density
-from hessspec.plots.evolution import DEFAULT_OVERLAP_RANKS, default_overlap_ranks, labelled_steps, plot_evolution
+from hessspec.plots.evolution import DEFAULT_OVERLAP_RANKS, AnalysedStepLocator, default_overlap_ranks, plot_evolution
 from hessspec.plots.overlap import plot_overlap
 
 __all__ = [
     "DEFAULT_OVERLAP_RANKS",
     "DEFAULT_RESOLUTION",
+    "AnalysedStepLocator",
     "PALETTE",
     "RunLike",
     "default_overlap_ranks",
     "default_steps",
     "display_density",
-    "labelled_steps",
     "plot_blocks",
     "plot_density",
     "plot_evolution",

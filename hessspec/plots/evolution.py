@@ -10,16 +10,14 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, Locator, LogLocator, NullFormatter
 
-from hessspec.plots._style import OVERLAP_LABEL, PALETTE, RunLike, finish_axes, results_of, styled
+from hessspec.plots._style import OVERLAP_LABEL, PALETTE, SMALL_FONT_SIZE, RunLike, finish_axes, results_of, styled
 from hessspec.plots.density import LOG_STEP_RATIO
 from hessspec.results import WHOLE_HESSIAN, CheckpointResult
 
 # Markers on the evolution curves while there are few enough checkpoints for them to stay apart.
 _MAX_MARKED_POINTS = 40
-# Labelled step ticks stay this far apart, as a fraction of the axis width (a label such as "3,000" is ~1/12).
-_MIN_TICK_GAP = 0.11
 _RANK_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
 DEFAULT_OVERLAP_RANKS = (1, 5, 10)
 
@@ -28,49 +26,45 @@ def _step_text(value: float, _position: object = None) -> str:
     return f"{int(round(value)):,}"
 
 
-def _axis_fraction(steps: np.ndarray, scale: str, linthresh: float) -> np.ndarray:
-    """Where steps land along the axis, 0 to 1 (symlog approximated as linear below linthresh, log above)."""
-    if scale == "linear":
-        t = steps.astype(float)
-    elif scale == "log":
-        t = np.log10(steps)
-    else:
-        t = np.where(
-            steps <= linthresh, 0.5 * steps / linthresh, 0.5 + np.log10(np.maximum(steps, linthresh) / linthresh)
-        )
-    span = t.max() - t.min()
-    return (t - t.min()) / span if span > 0 else np.zeros_like(t)
+class AnalysedStepLocator(Locator):
+    """Major ticks at analysed steps: the first and the last, and others wherever their labels fit between.
 
-
-def labelled_steps(steps: Sequence[float], scale: str = "log", linthresh: float = 1.0) -> list[float]:
-    """Analysed steps to label on a step axis: the first and the last, and others as long as labels stay apart.
-
-    Args:
-        steps: the analysed steps.
-        scale: ``"linear"``, ``"log"`` or ``"symlog"`` (linear below ``linthresh``).
-        linthresh: see ``scale``.
-
-    Returns:
-        The steps to label, ascending.
+    Positions are decided at draw time, from the axis' real scale and width and the labels' widths (a digit is
+    ~0.64 em wide, a comma ~0.32 em, in DejaVu Sans), so that no two labels touch whatever the figure size.
     """
-    unique = np.unique(np.asarray(steps, dtype=float))
-    if len(unique) <= 2:
-        return unique.tolist()
-    where = _axis_fraction(unique, scale, linthresh)
-    chosen = [0]
-    for i in range(1, len(unique) - 1):
-        if where[i] - where[chosen[-1]] >= _MIN_TICK_GAP and where[-1] - where[i] >= _MIN_TICK_GAP:
-            chosen.append(i)
-    chosen.append(len(unique) - 1)
-    return unique[chosen].tolist()
+
+    def __init__(self, steps: Sequence[float]) -> None:
+        self.steps = np.unique(np.asarray(steps, dtype=float))
+
+    def __call__(self) -> list[float]:
+        steps = self.steps
+        if len(steps) <= 2 or self.axis is None:
+            return steps.tolist()
+        axes = self.axis.axes
+        x = axes.transData.transform(np.column_stack([steps, np.zeros_like(steps)]))[:, 0]
+        em = SMALL_FONT_SIZE * axes.figure.dpi / 72.0
+        half = np.array([0.5 * em * sum(0.32 if ch == "," else 0.64 for ch in _step_text(s)) for s in steps])
+
+        def apart(i: int, j: int) -> bool:
+            return abs(x[i] - x[j]) >= half[i] + half[j] + 0.6 * em
+
+        chosen, last = [0], len(steps) - 1
+        for i in range(1, last):
+            if apart(i, chosen[-1]) and apart(i, last):
+                chosen.append(i)
+        chosen.append(last)
+        return steps[chosen].tolist()
+
+    def tick_values(self, vmin: float, vmax: float) -> list[float]:
+        return self.steps.tolist()
 
 
 def set_step_axis(ax: Axes, steps: np.ndarray) -> None:
     """Linear, log or symlog step axis (log scales when the steps span decades), labelled at analysed steps.
 
-    On a log or symlog axis the major ticks are analysed steps, as many as fit without their labels touching,
-    written in full ("0", "30", "3,000"); every other analysed step gets a minor tick, so the axis shows where the
-    checkpoints are. A linear axis keeps matplotlib's round ticks.
+    On a log or symlog axis the major ticks are analysed steps, as many as fit without their labels touching
+    (:class:`AnalysedStepLocator`), written in full ("0", "30", "3,000"); every analysed step has a minor tick, so
+    the axis shows where the checkpoints are. A linear axis keeps matplotlib's round ticks.
     """
     positive = steps[steps > 0]
     if len(positive) == 0 or positive.max() / positive.min() < LOG_STEP_RATIO:
@@ -78,15 +72,12 @@ def set_step_axis(ax: Axes, steps: np.ndarray) -> None:
     analysed = np.unique(steps)
     if steps.min() > 0:
         ax.set_xscale("log")
-        labelled = labelled_steps(analysed, "log")
     else:
         # Step 0 has no logarithm: linear below the first positive step, logarithmic above.
-        linthresh = float(positive.min())
-        ax.set_xscale("symlog", linthresh=linthresh, linscale=0.5)
-        labelled = labelled_steps(analysed, "symlog", linthresh)
-    ax.xaxis.set_major_locator(FixedLocator(labelled))
+        ax.set_xscale("symlog", linthresh=float(positive.min()), linscale=0.5)
+    ax.xaxis.set_major_locator(AnalysedStepLocator(analysed))
     ax.xaxis.set_major_formatter(FuncFormatter(_step_text))
-    ax.xaxis.set_minor_locator(FixedLocator([s for s in analysed if s not in labelled]))
+    ax.xaxis.set_minor_locator(FixedLocator(analysed))
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
