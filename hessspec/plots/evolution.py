@@ -46,7 +46,7 @@ class AnalysedStepLocator(Locator):
         half = np.array([0.5 * em * sum(0.32 if ch == "," else 0.64 for ch in _step_text(s)) for s in steps])
 
         def apart(i: int, j: int) -> bool:
-            return abs(x[i] - x[j]) >= half[i] + half[j] + 0.6 * em
+            return abs(x[i] - x[j]) >= half[i] + half[j] + 0.4 * em
 
         chosen, last = [0], len(steps) - 1
         for i in range(1, last):
