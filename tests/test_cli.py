@@ -296,6 +296,9 @@ def test_analyze_curvatures_and_blocks_then_info(workdir, tmp_path):
     result = CliRunner().invoke(cli, [*args, "--curvature", "hessian", "--curvature", "ggn", "--curvature", "residual",
                                       "--blocks", "modules"])  # fmt: skip
     assert result.exit_code == 0, result.output
+    lines = _summary_lines(result.stdout)  # one per curvature (its whole-model result)
+    assert len(lines) == 3 and lines[1].endswith("[ggn]") and lines[2].endswith("[residual]")
+    assert all(int(line.split()[1]) == 40 for line in lines)
     run = load_results(out)
     assert run.curvatures == ("hessian", "ggn", "residual") and run.blocks == ("all", "layers.1", "layers.3")
     assert run.config["curvatures"] == ["hessian", "ggn", "residual"] and run.config["blocks"] == ["modules"]

@@ -105,6 +105,7 @@ class _Reporter:
         self.progress = ProgressLine(sys.stderr, enabled=not quiet and sys.stderr.isatty())
         self.lam = "λ" if can_encode("λ") else "lambda"
         self.started = time.monotonic()
+        self.results: tuple = ()
         reporter = self
 
         # Subclassed here, not at module level: hessspec.runner.pipeline imports torch, which `hessspec --help`
@@ -122,9 +123,14 @@ class _Reporter:
             def lanczos_step(self, done, total) -> None:
                 reporter.progress.lanczos(done, total)
 
+            def analysed(self, item, results) -> None:
+                reporter.results = results
+
             def finished(self, item, result) -> None:
                 reporter.progress.finish_checkpoint()
-                reporter.say(reporter.summary(result))
+                # One line per curvature (its whole-model result); blocks are in the file (hessspec info).
+                for each in [r for r in reporter.results if r.block == "all"] or [result]:
+                    reporter.say(reporter.summary(each))
 
         self.observer = _Observer()
 
@@ -156,6 +162,7 @@ class _Reporter:
         return (
             f"step {result.step:>8}  loss {fmt_number(result.loss)}  {self.lam}1 {fmt_number(result.lambda_max)}  "
             f"trace {fmt_number(result.trace)}{overlap}  {result.elapsed_s:.1f} s"
+            + ("" if result.curvature == "hessian" else f"  [{result.curvature}]")
         )
 
     def close(self, report=None) -> None:

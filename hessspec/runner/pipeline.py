@@ -382,7 +382,10 @@ class Observer:
 
     def finished(self, item: PlannedCheckpoint, result: CheckpointResult) -> None:
         """The results of ``item`` are computed (and, on the main process, written); ``result`` is the first of
-        them, the whole-model result of the first curvature."""
+        them, the whole-model result of the first curvature (all of them: :meth:`analysed`)."""
+
+    def analysed(self, item: PlannedCheckpoint, results: Sequence[CheckpointResult]) -> None:
+        """Called just before :meth:`finished` with all of the checkpoint's results, one per (curvature, block)."""
 
 
 @dataclass(frozen=True)
@@ -562,6 +565,7 @@ def run(
                     writer.write(new)
             analysed.extend(new)
             if is_main:
+                observer.analysed(item, results)
                 observer.finished(item, results[0])
     finally:
         if writer is not None:
