@@ -486,4 +486,4 @@ def _result(
 
 def _recorded_settings(settings: AnalysisSettings, operator: HessianOperator) -> dict:
     # The settings, plus how the products were evaluated (resolved: e.g. "reverse" where "auto" was asked for).
-    return {**settings.to_dict(), "block_strategy": operator.block_strategy}
+    return {**settings.to_dict(), **operator.recorded_settings()}

@@ -1,27 +1,40 @@
 """The Hessian of the mean loss over a whole data set, as a linear operator.
 
-``H = sum_b (|b| / N) * H_b`` where ``H_b`` is the Hessian of batch ``b``'s mean loss and ``N`` the number of
-examples, so unequal batches (a smaller last batch) are weighted exactly. Products are computed with
-forward-over-reverse differentiation (``jvp`` of ``grad``, torch.func) and ``vmap`` over the columns of a block,
-so one pass over the data serves all columns, or by reverse-over-reverse (double backward) where that is faster or
-torch.func cannot transform the model; results are accumulated in float64.
+``H = sum_b (U_b / U) * H_b`` where ``H_b`` is the Hessian of batch ``b``'s mean loss over its ``U_b`` units
+(examples, or target tokens for ``lm``; see :mod:`hessspec.curvature.losses`) and ``U`` the units of all batches, so
+unequal batches (a smaller last batch, sequences with different numbers of target tokens) are weighted exactly.
+Products are computed with forward-over-reverse differentiation (``jvp`` of ``grad``, torch.func) and ``vmap`` over
+the columns of a block, so one pass over the data serves all columns, or by reverse-over-reverse (double backward)
+where that is faster or torch.func cannot transform the model or the loss; results are accumulated in float64.
+Attention runs on differentiable kernels (:func:`hessspec.curvature.problem.exact_attention`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
-from hessspec.curvature.problem import Batch, check_bn_mode, functional_copy, set_population_statistics
+from hessspec.curvature.losses import Loss, LossError, MeanLoss, get_loss
+from hessspec.curvature.problem import (
+    ATTENTION_KERNEL,
+    Batch,
+    batch_size,
+    check_bn_mode,
+    exact_attention,
+    functional_copy,
+    model_arguments,
+    move_batch,
+    set_population_statistics,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BLOCK_STRATEGIES = ("auto", "vmap", "loop", "reverse")
 ParamSelector = Sequence[str] | Callable[[str, nn.Parameter], bool] | None
+__all__ = ["DeterminismError", "HessianOperator", "LossAndGradient", "LossError", "check_block_strategy"]
 
 
 class DeterminismError(RuntimeError):
@@ -60,12 +73,9 @@ def check_block_strategy(block_strategy: str) -> None:
         raise ValueError(msg)
 
 
-def _torch_func_unsupported(error: BaseException) -> bool:
-    text = str(error)
-    return any(
-        marker in text
-        for marker in ("functorch transforms", "forward AD", "forward-mode AD", "does not have a jvp", "Batching rule")
-    )
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def aligned_columns(V: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -83,43 +93,56 @@ def aligned_columns(V: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class HessianOperator:
-    """Hessian of the mean loss over all examples of a fixed sequence of batches.
+    """Hessian of the mean loss over all units (examples, or target tokens) of a fixed sequence of batches.
 
     ``H @ v`` costs one pass over the data; ``H @ V`` for a block ``V`` of shape [n, p] costs one pass for all p
     columns. Inputs and outputs are float64; the model is evaluated in ``dtype``.
 
     Args:
         model: the network (never modified; a prepared copy is used, see :mod:`hessspec.curvature.problem`).
-        batches: sequence of ``(inputs, targets)``; moved to the model's device once.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the *mean* loss over the batch (default cross-entropy).
+        batches: sequence of batches of any structure: ``(inputs, targets)`` pairs, tuples whose first element is
+            the input, or mappings of tensors passed to the model as keyword arguments (see
+            :mod:`hessspec.curvature.problem`); moved to the model's device once (floating tensors in ``dtype``).
+        loss_fn: a torch functional ``loss_fn(outputs, targets)`` returning the *mean* loss over the batch
+            (``F.cross_entropy``, ``F.mse_loss``, ...), weighted by batch size; or None. Give ``loss_fn`` or ``loss``,
+            not both.
+        loss: a loss name ("cross-entropy", "mse", "nll", "lm") or a :class:`~hessspec.curvature.losses.Loss`;
+            None (and no ``loss_fn``) for cross-entropy.
         bn_mode: "train" (mini-batch statistics, default), "eval" (running statistics) or "population".
         params: which parameters span the Hessian: None (all that require grad), a list of names, or a
             predicate ``(name, parameter) -> bool``; the others are held fixed.
-        dtype: dtype the model and inputs are evaluated in (default: the model's parameter dtype).
+        dtype: dtype the model and floating inputs are evaluated in (default: the model's parameter dtype).
         all_reduce: sums a tensor in place across processes (data-parallel analysis), or None. Each process holds
-            a disjoint shard of the batches; sums are weighted by the global number of examples.
+            a disjoint shard of the batches; sums are weighted by the global number of units.
         vmap_chunk_size: evaluate at most this many columns of a block at once (bounds memory); None for all.
         block_strategy: how a block's columns are evaluated: "vmap" (one vectorised forward-over-reverse pass, the
             primal computed once for all columns), "loop" (one forward-over-reverse pass per column), "reverse"
             (plain autograd: the batch gradient's graph is built once, then one backward through it per column;
-            works for any twice-differentiable model), or "auto": "reverse" on the CPU for models with
+            works for any twice-differentiable model and loss), or "auto": "reverse" on the CPU for models with
             convolutions, where vmap turns the batched weight tangents into grouped convolutions, holds p copies of
             every activation and measured 2.0-4.5x a gradient per column with BatchNorm across runs, against
-            2.2-3.0x for "reverse" (benchmarks/RESULTS.md), "vmap" otherwise;
-            "auto" also switches to "reverse" when torch.func cannot transform the model (an
-            ``autograd.Function`` without ``setup_context``, an op without a forward-mode derivative). The
-            choice changes only rounding, and it is deterministic, so the same seed gives the same results.
+            2.2-3.0x for "reverse" (benchmarks/RESULTS.md), "vmap" otherwise. Before its first product "auto"
+            checks torch.func on the first batch against "reverse" (the gradient and a two-column product) and
+            switches to "reverse" when torch.func fails in any way (an ``autograd.Function`` without
+            ``setup_context``, an op or a built-in loss without a forward-mode derivative, e.g. ``F.huber_loss``;
+            ``F.mse_loss``'s forward-mode rule writes in place into the zero tangent of its target, "ZeroTensors are
+            immutable") or disagrees; the reason is kept in :attr:`strategy_fallback`. The choice changes only
+            rounding, and it is deterministic, so the same seed gives the same results.
 
     Raises:
-        ValueError: bad ``bn_mode``, empty data, unknown or empty parameter selection.
+        ValueError: bad ``bn_mode``, empty data, unknown or empty parameter selection, both ``loss`` and
+            ``loss_fn``.
+        hessspec.curvature.losses.LossError: an unknown loss name, or targets the loss cannot count (also raised by
+            the first product or gradient when the model's output does not fit the loss).
     """
 
     def __init__(
         self,
         model: nn.Module,
         batches: Sequence[Batch],
-        loss_fn: LossFn = F.cross_entropy,
+        loss_fn: LossFn | None = None,
         *,
+        loss: str | Loss | None = None,
         bn_mode: str = "train",
         params: ParamSelector = None,
         dtype: torch.dtype | None = None,
@@ -129,6 +152,9 @@ class HessianOperator:
     ) -> None:
         check_bn_mode(bn_mode)
         check_block_strategy(block_strategy)
+        if loss is not None and loss_fn is not None:
+            msg = "give loss_fn (a torch functional returning the batch mean) or loss, not both"
+            raise ValueError(msg)
         if len(batches) == 0:
             msg = "no data: the sequence of batches is empty"
             raise ValueError(msg)
@@ -140,6 +166,7 @@ class HessianOperator:
         self.dtype = dtype or first.dtype
         self.bn_mode = bn_mode
         self.loss_fn = loss_fn
+        self.loss = MeanLoss(loss_fn) if loss_fn is not None else get_loss(loss)
         self._all_reduce = all_reduce
         self.vmap_chunk_size = vmap_chunk_size
         self.param_names = _select(model, params)
@@ -148,23 +175,31 @@ class HessianOperator:
             has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
             block_strategy = "reverse" if (self.device.type == "cpu" and has_conv) else "vmap"
         self.block_strategy = block_strategy
+        self.strategy_fallback: str | None = None
+        self._checked = False
 
         self._model = functional_copy(model, bn_mode, self.dtype)
-        self.batches = [
-            (x.to(self.device, self.dtype if x.is_floating_point() else x.dtype), y.to(self.device)) for x, y in batches
-        ]
-        sizes = torch.tensor([float(len(x)) for x, _ in self.batches], dtype=torch.float64)
-        total = sizes.sum().to(self.device)
+        self.batches = [move_batch(batch, self.device, self.dtype) for batch in batches]
+        counts = [self.loss.count(batch) for batch in self.batches]
+        totals = torch.tensor(
+            [float(sum(counts)), float(sum(batch_size(batch) for batch in self.batches))], dtype=torch.float64
+        ).to(self.device)
         if all_reduce is not None:
-            total = all_reduce(total)
-        self.num_examples = int(round(float(total)))
+            totals = all_reduce(totals)
+        self.num_units, self.num_examples = (int(round(float(t))) for t in totals)
         if self.num_examples == 0:
             msg = "no data: every batch is empty"
             raise ValueError(msg)
-        # Weights are Python floats: no device-to-host sync inside the per-batch loop.
-        self._weights = (sizes / float(total)).tolist()
+        if self.num_units == 0:
+            msg = f"no data: the loss {self.loss.name!r} has no unit to average over (every target ignored?)"
+            raise ValueError(msg)
+        # Per batch: 1 / its units (the batch mean is differentiated) and its share of all units. Python floats, so
+        # the per-batch loop has no device-to-host sync.
+        self._scales = [1.0 / c if c else 0.0 for c in counts]
+        self._weights = [c / self.num_units for c in counts]
         if bn_mode == "population":
-            set_population_statistics(self._model, self.batches, all_reduce)
+            with exact_attention():
+                set_population_statistics(self._model, self.batches, all_reduce)
 
         named = dict(self._model.named_parameters())
         selected = set(self.param_names)
@@ -175,54 +210,132 @@ class HessianOperator:
         self.theta = torch.cat([named[k].detach().reshape(-1) for k in self.param_names])
         self.shape = (self.theta.numel(), self.theta.numel())
 
-    # -- functional pieces -------------------------------------------------------------------------------
+    # -- the data loop: the only place that iterates over batches and weights them --------------------------------
+    def _weighted_batches(self) -> Iterator[tuple[Batch, float, float]]:
+        """``(batch, 1 / its units, its share of all units)`` for every batch holding at least one unit."""
+        for batch, scale, weight in zip(self.batches, self._scales, self._weights, strict=True):
+            if weight > 0:
+                yield batch, scale, weight
+
+    def _accumulate(self, per_batch: Callable[[Batch, float], torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+        """``sum_b weight_b * per_batch(b, scale_b)`` in float64 over this process's batches (not yet reduced)."""
+        out = torch.zeros(tuple(shape), dtype=torch.float64, device=self.device)
+        for batch, scale, weight in self._weighted_batches():
+            out.add_(per_batch(batch, scale).to(torch.float64), alpha=weight)
+        return out
+
+    # -- functional pieces: pure per-batch functions ---------------------------------------------------------------
     def _unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = flat.split(self._numels)
         return {k: t.view(s) for k, t, s in zip(self.param_names, parts, self._shapes, strict=True)}
 
-    def _batch_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self._model, {**self._fixed, **self._unflatten(theta)}, (x,))
-        return self.loss_fn(out, y)
+    def _forward(self, theta: torch.Tensor, batch: Batch) -> Any:
+        args, kwargs = model_arguments(batch)
+        return functional_call(self._model, {**self._fixed, **self._unflatten(theta)}, args, kwargs)
 
-    def _batch_gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.block_strategy != "reverse":
-            return grad_and_value(self._batch_loss)(self.theta, x, y)
+    def _batch_loss(self, theta: torch.Tensor, batch: Batch, scale: float) -> torch.Tensor:
+        """The batch's mean loss over its units (``scale`` = 1 / its units)."""
+        return self.loss(self._forward(theta, batch), batch) * scale
+
+    def _batch_gradient(self, batch: Batch, scale: float, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if strategy != "reverse":
+            return grad_and_value(self._batch_loss)(self.theta, batch, scale)
         theta = self.theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = self._batch_loss(theta, x, y)
-            (g,) = torch.autograd.grad(loss, theta)
-        return g, loss.detach()
+            loss = self._batch_loss(theta, batch, scale)
+            (g,) = torch.autograd.grad(loss, theta, allow_unused=True)
+        return (torch.zeros_like(theta) if g is None else g), loss.detach()
 
-    def _batch_hvp_reverse(self, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _batch_hvp_reverse(self, V: torch.Tensor, batch: Batch, scale: float) -> torch.Tensor:
         # Reverse-over-reverse: the batch gradient's graph is built once, then each column costs one backward
         # through it (retained until the last column).
         theta = self.theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(self._batch_loss(theta, x, y), theta, create_graph=True)
+            (g,) = torch.autograd.grad(self._batch_loss(theta, batch, scale), theta, create_graph=True)
         if not g.requires_grad:  # the loss is at most linear in the parameters: the Hessian is zero
             return torch.zeros_like(V)
         last = V.shape[1] - 1
         cols = [torch.autograd.grad(g, theta, V[:, i], retain_graph=i < last)[0] for i in range(last + 1)]
         return torch.stack(cols, dim=1)
 
-    def _batch_hvp(self, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.block_strategy == "reverse":
-            return self._batch_hvp_reverse(V, x, y)
+    def _batch_hvp(self, V: torch.Tensor, batch: Batch, scale: float, strategy: str) -> torch.Tensor:
+        if strategy == "reverse":
+            return self._batch_hvp_reverse(V, batch, scale)
 
         def gradient(theta: torch.Tensor) -> torch.Tensor:
-            return grad(self._batch_loss)(theta, x, y)
+            return grad(self._batch_loss)(theta, batch, scale)
 
         def hvp(v: torch.Tensor) -> torch.Tensor:
             return jvp(gradient, (self.theta,), (v,))[1]
 
         if V.shape[1] == 1:
             return hvp(V[:, 0]).unsqueeze(1)
-        if self.block_strategy == "loop":
+        if strategy == "loop":
             return torch.stack([hvp(V[:, i]) for i in range(V.shape[1])], dim=1)
         return vmap(hvp, in_dims=1, out_dims=1, chunk_size=self.vmap_chunk_size)(V)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self._all_reduce(t) if self._all_reduce is not None else t
+
+    # -- strategy and checks, once -----------------------------------------------------------------------------------
+    def _torch_func_disagrees(self, batch: Batch, scale: float) -> str | None:
+        # torch.func on one batch against plain autograd: the gradient and a two-column product (vmap'd under
+        # "vmap"). Any exception counts, whatever its text; so does a difference beyond rounding (sqrt(eps)
+        # relative: rounding differences of the two orders of differentiation are near eps, a wrong or missing
+        # derivative is O(1)).
+        V = torch.randn(self.n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        V = V.to(device=self.device, dtype=self.dtype)
+        try:
+            g, _ = self._batch_gradient(batch, scale, self.block_strategy)
+            HV = self._batch_hvp(V, batch, scale, self.block_strategy)
+        except Exception as error:
+            return f"torch.func failed: {_first_line(error)}"
+        g_ref, _ = self._batch_gradient(batch, scale, "reverse")
+        HV_ref = self._batch_hvp_reverse(V, batch, scale)
+        tol = float(torch.finfo(self.dtype).eps) ** 0.5
+        for name, a, b in (("gradient", g, g_ref), ("product", HV, HV_ref)):
+            a, b = a.to(torch.float64), b.to(torch.float64)
+            scale_b = float(torch.linalg.vector_norm(b))
+            diff = float(torch.linalg.vector_norm(a - b))
+            if not diff <= tol * scale_b and not (scale_b == 0 and diff == 0):
+                return f"torch.func's {name} differs from autograd's by {diff / max(scale_b, 1e-300):.1e} relative"
+        return None
+
+    def _check_once(self) -> None:
+        """Before the first gradient or product: the loss fits the model's output, and "auto" settles its strategy."""
+        if self._checked:
+            return
+        batch, scale, _ = next(self._weighted_batches(), (None, 0.0, 0.0))
+        reason = None
+        if batch is not None:
+            with torch.no_grad():
+                output = self._forward(self.theta, batch)
+            self.loss.check(output, batch)
+            if self._auto and self.block_strategy != "reverse":
+                reason = self._torch_func_disagrees(batch, scale)
+        if self._auto and self.block_strategy != "reverse":
+            # Every process of a data-parallel run must switch alike: any process's reason switches all.
+            flag = torch.tensor([0.0 if reason is None else 1.0], dtype=torch.float64, device=self.device)
+            if float(self._reduce(flag)[0]) > 0:
+                self.block_strategy = "reverse"
+                self.strategy_fallback = reason or "torch.func failed on another process"
+        self._checked = True
+
+    def _run(self, compute: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        # Under "auto", torch.func failing later (another batch, memory) still falls back to plain autograd.
+        with exact_attention():
+            self._check_once()
+            strategy = self.block_strategy
+            if strategy == "reverse" or not self._auto:
+                return compute(strategy)
+            try:
+                return compute(strategy)
+            except Exception as error:
+                if self._all_reduce is not None:  # other processes may be inside a collective: do not diverge
+                    raise
+                self.block_strategy = "reverse"
+                self.strategy_fallback = f"torch.func failed: {_first_line(error)}"
+            return compute("reverse")
 
     # -- public operator interface -------------------------------------------------------------------------
     @property
@@ -230,17 +343,17 @@ class HessianOperator:
         """Number of parameters spanned by the Hessian."""
         return self.shape[0]
 
-    def _with_fallback(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        # "auto" falls back to plain autograd for models that torch.func cannot transform (an autograd.Function
-        # without setup_context/jvp, an op without a forward-mode derivative). Every process of a data-parallel
-        # run meets the same model on its first batch, so all switch alike.
-        try:
-            return compute()
-        except (RuntimeError, NotImplementedError) as error:
-            if not (self._auto and self.block_strategy != "reverse" and _torch_func_unsupported(error)):
-                raise
-        self.block_strategy = "reverse"
-        return compute()
+    def recorded_settings(self) -> dict[str, Any]:
+        """How the products are evaluated, as recorded with results: the loss, the resolved block strategy (and why
+        "auto" fell back to "reverse", if it did) and the attention kernel."""
+        recorded: dict[str, Any] = {
+            "loss": self.loss.name,
+            "block_strategy": self.block_strategy,
+            "attention_kernel": ATTENTION_KERNEL,
+        }
+        if self.strategy_fallback is not None:
+            recorded["block_strategy_fallback"] = self.strategy_fallback
+        return recorded
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         # Column-major, so that each column (a backward's grad_outputs under "reverse") is contiguous, once per
@@ -248,13 +361,10 @@ class HessianOperator:
         # whichever columns are computed beside it.
         Vc = aligned_columns(V, self.dtype)
 
-        def compute() -> torch.Tensor:
-            out = torch.zeros(V.shape, dtype=torch.float64, device=self.device)
-            for (x, y), w in zip(self.batches, self._weights, strict=True):
-                out.add_(self._batch_hvp(Vc, x, y).to(torch.float64), alpha=w)
-            return out
+        def compute(strategy: str) -> torch.Tensor:
+            return self._accumulate(lambda batch, scale: self._batch_hvp(Vc, batch, scale, strategy), V.shape)
 
-        return self._reduce(self._with_fallback(compute))
+        return self._reduce(self._run(compute))
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``H @ V`` for a block ``V`` of shape [n, p]; float64 [n, p] on the operator's device."""
@@ -279,21 +389,21 @@ class HessianOperator:
         return self.matvec(v)
 
     def loss_and_gradient(self) -> LossAndGradient:
-        """Mean loss over all examples and its gradient (float64 [n]).
+        """Mean loss over all units and its gradient (float64 [n]).
 
         Raises:
             FloatingPointError: the loss or gradient is not finite.
+            hessspec.curvature.losses.LossError: the model's output does not fit the loss.
         """
 
-        def compute() -> torch.Tensor:
-            acc = torch.zeros(self.n + 1, dtype=torch.float64, device=self.device)
-            for (x, y), w in zip(self.batches, self._weights, strict=True):
-                g, loss = self._batch_gradient(x, y)
-                acc[:-1].add_(g.to(torch.float64), alpha=w)
-                acc[-1:].add_(loss.detach().to(torch.float64).reshape(1), alpha=w)
-            return acc
+        def per_batch(strategy: str) -> Callable[[Batch, float], torch.Tensor]:
+            def gradient_and_loss(batch: Batch, scale: float) -> torch.Tensor:
+                g, loss = self._batch_gradient(batch, scale, strategy)
+                return torch.cat([g.to(torch.float64), loss.detach().to(torch.float64).reshape(1)])
 
-        acc = self._reduce(self._with_fallback(compute))
+            return gradient_and_loss
+
+        acc = self._reduce(self._run(lambda strategy: self._accumulate(per_batch(strategy), (self.n + 1,))))
         if not torch.isfinite(acc).all():
             msg = "the loss or its gradient is not finite (NaN/Inf) on the analysed data"
             raise FloatingPointError(msg)

@@ -1,4 +1,14 @@
-"""Preparing a user's model for functional Hessian products.
+"""Preparing a user's model and batches for functional Hessian products.
+
+Batches of any structure pass through one adapter (:func:`move_batch`, :func:`model_arguments`,
+:func:`batch_size`, :func:`slice_batch`):
+
+- a tensor: the model's input (no target);
+- a tuple or list: the first element is the model's input, the second (if any) the target; further elements are
+  left to the loss (e.g. a loss factory). An input that is itself a mapping is passed as keyword arguments;
+- a mapping (``dict``, ``collections.UserDict``, transformers' ``BatchEncoding``) of tensors: passed to the model as
+  keyword arguments, except the target entries :data:`TARGET_KEYS` (``labels``, ...), which only the loss sees.
+  Hugging Face models must never receive ``labels``: they would compute their own loss (in float32).
 
 The user's module is never modified: hessspec works on a copy whose dropout is off and whose BatchNorm layers are
 set up for the requested ``bn_mode``:
@@ -12,17 +22,124 @@ set up for the requested ``bn_mode``:
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
 BN_MODES = ("train", "eval", "population")
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = Any  # a tensor, a tuple/list whose first element is the input, or a mapping of tensors (see above)
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
+TARGET_KEYS = ("labels", "label", "target", "targets")  # mapping entries the loss reads and the model never gets
+
+
+def _rebuild(batch: Any, values: Any) -> Any:
+    # The same container type when it can be rebuilt from its items (dict, UserDict, BatchEncoding, tuple, list).
+    if is_mapping(batch):
+        try:
+            return type(batch)(values)
+        except Exception:  # a mapping type that cannot be built from a dict: a plain dict works as keyword args
+            return dict(values)
+    try:
+        return type(batch)(values)
+    except Exception:
+        return tuple(values)
+
+
+def is_mapping(batch: Any) -> bool:
+    """Whether ``batch`` is a mapping of entries (``dict``, ``UserDict``, ``BatchEncoding``, ...)."""
+    # BatchEncoding is a UserDict (a Mapping); accept any object with keys() and item access as well.
+    return isinstance(batch, Mapping) or (hasattr(batch, "keys") and hasattr(batch, "__getitem__"))
+
+
+def move_batch(batch: Batch, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
+    """``batch`` with every tensor on ``device``; floating tensors in ``dtype``, integer ones (token ids, labels)
+    kept integer. Nested tuples, lists and mappings keep their structure; other values pass unchanged."""
+    if isinstance(batch, torch.Tensor):
+        target = dtype if (dtype is not None and batch.is_floating_point()) else batch.dtype
+        return batch.to(device=device, dtype=target)
+    if is_mapping(batch):
+        return _rebuild(batch, {key: move_batch(batch[key], device, dtype) for key in batch.keys()})
+    if isinstance(batch, (tuple, list)):
+        return _rebuild(batch, [move_batch(item, device, dtype) for item in batch])
+    return batch
+
+
+def model_arguments(batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments the model is called with for ``batch`` (see the module docstring).
+
+    Raises:
+        TypeError: an empty tuple or list.
+    """
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            msg = "a batch is an empty tuple; expected (inputs, ...) with the model's input first"
+            raise TypeError(msg)
+        batch = batch[0]
+    if is_mapping(batch):
+        return (), {key: batch[key] for key in batch.keys() if key not in TARGET_KEYS}
+    return (batch,), {}
+
+
+def call_model(model: nn.Module, batch: Batch) -> Any:
+    """``model`` applied to ``batch``'s inputs (see :func:`model_arguments`)."""
+    args, kwargs = model_arguments(batch)
+    return model(*args, **kwargs)
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    items = [batch[key] for key in batch.keys()] if is_mapping(batch) else batch
+    if isinstance(items, (tuple, list)):
+        for item in items:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def batch_size(batch: Batch) -> int:
+    """Number of examples in ``batch``: the leading dimension of its first tensor (inputs first).
+
+    Raises:
+        TypeError: the batch holds no tensor, or a zero-dimensional first tensor.
+    """
+    first = _first_tensor(batch)
+    if first is None or first.ndim == 0:
+        msg = f"cannot tell the number of examples of a batch of {describe_batch(batch)}"
+        raise TypeError(msg)
+    return int(first.shape[0])
+
+
+def slice_batch(batch: Batch, stop: int) -> Batch:
+    """The first ``stop`` examples of ``batch`` (every tensor with a leading dimension is sliced)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:stop] if batch.ndim > 0 else batch
+    if is_mapping(batch):
+        return _rebuild(batch, {key: slice_batch(batch[key], stop) for key in batch.keys()})
+    if isinstance(batch, (tuple, list)):
+        return _rebuild(batch, [slice_batch(item, stop) for item in batch])
+    return batch
+
+
+def describe_batch(batch: Any) -> str:
+    """A short description of a batch's structure for error messages, e.g. ``dict(input_ids=int64 [4, 9])``."""
+    if isinstance(batch, torch.Tensor):
+        return f"{str(batch.dtype).removeprefix('torch.')} {list(batch.shape)}"
+    if is_mapping(batch):
+        inner = ", ".join(f"{key}={describe_batch(batch[key])}" for key in batch.keys())
+        return f"{type(batch).__name__}({inner})"
+    if isinstance(batch, (tuple, list)):
+        inner = ", ".join(describe_batch(item) for item in batch)
+        return f"({inner})" if isinstance(batch, tuple) else f"[{inner}]"
+    return type(batch).__name__
 
 
 def batch_norm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -76,6 +193,27 @@ def functional_copy(model: nn.Module, bn_mode: str, dtype: torch.dtype | None = 
     return fmodel
 
 
+ATTENTION_KERNEL = "math"  # recorded with results: the scaled_dot_product_attention kernel products run with
+
+
+@contextlib.contextmanager
+def exact_attention() -> Iterator[None]:
+    """Run attention through differentiable kernels: ``scaled_dot_product_attention`` on its math kernel, and
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` without their fused inference fast path.
+
+    The fused kernels (flash, memory-efficient, the fast path's ``_transformer_encoder_layer_fwd``) have no second
+    derivative or no forward-mode rule; the math kernel computes the same function with plain differentiable ops.
+    The previous fast-path setting is restored on exit.
+    """
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
 class _Stop(Exception):
     """Raised from a forward hook to end a forward pass early."""
 
@@ -100,7 +238,7 @@ def set_population_statistics(fmodel: nn.Module, batches: Sequence[Batch], all_r
     order: list[_BatchNorm] = []
     hooks = [bn.register_forward_pre_hook(lambda m, _inp: order.append(m)) for bn in layers]
     try:
-        fmodel(batches[0][0])
+        call_model(fmodel, batches[0])
     finally:
         for h in hooks:
             h.remove()
@@ -123,9 +261,9 @@ def set_population_statistics(fmodel: nn.Module, batches: Sequence[Batch], all_r
 
         handle = bn.register_forward_pre_hook(capture)
         try:
-            for x, _ in batches:
+            for batch in batches:
                 try:
-                    fmodel(x)
+                    call_model(fmodel, batch)
                 except _Stop:
                     pass
         finally:
