@@ -34,13 +34,13 @@ All columns of all requested matrices share one pass over the data, accumulated 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from hessspec.curvature.hessian import HessianOperator
+from hessspec.curvature.losses import prediction
+from hessspec.curvature.problem import Batch
 
 CURVATURES = ("hessian", "ggn", "empirical-fisher", "gradient-covariance", "residual")
 # Which products each curvature's columns need: the Hessian ("H"), the Gauss-Newton matrix ("G"), the empirical
@@ -59,21 +59,6 @@ def check_curvature(curvature: str) -> None:
     if curvature not in CURVATURES:
         msg = f"curvature must be one of {', '.join(CURVATURES)}; got {curvature!r}"
         raise ValueError(msg)
-
-
-def _per_unit_function(loss_fn: Callable) -> Callable[[torch.Tensor, Any], torch.Tensor]:
-    # The per-example losses of the torch functionals whose batch mean the operator differentiates.
-    if loss_fn is F.cross_entropy:
-        return lambda out, y: F.cross_entropy(out, y, reduction="none")
-    if loss_fn is F.nll_loss:
-        return lambda out, y: F.nll_loss(out, y, reduction="none")
-    if loss_fn is F.mse_loss:
-        return lambda out, y: (out - y.reshape(out.shape)).square().reshape(out.shape[0], -1).mean(1)
-    msg = (
-        f"the Gauss-Newton family needs the per-example losses of {getattr(loss_fn, '__name__', loss_fn)!r}; "
-        "supported: F.cross_entropy, F.nll_loss, F.mse_loss"
-    )
-    raise ValueError(msg)
 
 
 def _jacobian_columns(y: torch.Tensor, theta: torch.Tensor, V: torch.Tensor) -> list[torch.Tensor]:
@@ -104,40 +89,34 @@ class CurvatureOperator(HessianOperator):
     (bitwise) the Hessian operator's.
 
     Args:
-        model, batches, loss_fn: as for :class:`~hessspec.curvature.hessian.HessianOperator`.
+        model, batches, loss_fn: as for :class:`~hessspec.curvature.hessian.HessianOperator` (its ``loss`` keyword
+            too: the family uses the loss's per-unit losses, :meth:`hessspec.curvature.losses.Loss.per_unit`).
         curvature: one of :data:`CURVATURES` (default "hessian").
         **kwargs: the keyword arguments of :class:`~hessspec.curvature.hessian.HessianOperator`.
 
     Raises:
-        ValueError: an unknown curvature, a loss whose per-unit losses are unknown, and see
+        ValueError: an unknown curvature, and see
             :class:`~hessspec.curvature.hessian.HessianOperator`.
     """
 
-    def __init__(self, model, batches, loss_fn=F.cross_entropy, *, curvature: str = "hessian", **kwargs) -> None:
+    def __init__(self, model, batches, loss_fn=None, *, curvature: str = "hessian", **kwargs) -> None:
         check_curvature(curvature)
         super().__init__(model, batches, loss_fn, **kwargs)
         self.curvature = curvature
-        self._per_unit_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
         self._mean_gradient: torch.Tensor | None = None
 
     # -- per-batch functions --------------------------------------------------------------------------------
-    def _per_unit(self, output: torch.Tensor, y: Any) -> torch.Tensor:
-        if self._per_unit_fn is None:  # resolved when first needed: the Hessian alone works with any loss
-            self._per_unit_fn = _per_unit_function(self.loss_fn)
-        return self._per_unit_fn(output, y)
-
-    def _batch_gauss_newton(
-        self, VG: torch.Tensor, VF: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale: float
-    ) -> torch.Tensor:
+    def _batch_gauss_newton(self, VG: torch.Tensor, VF: torch.Tensor, batch: Batch, scale: float) -> torch.Tensor:
         """``[G_b VG, F_b VF]`` for one batch, of its summed loss times ``scale``, from one forward pass."""
         theta = self.theta.detach().requires_grad_(True)
         parts = []
         with torch.enable_grad():
-            out = self._forward(theta, x)
+            # The loss as a function of the output tensor (the logits of a structured model output).
+            out = prediction(self._forward(theta, batch), self.loss.name)
             if VG.shape[1]:
                 JV = _jacobian_columns(out, theta, VG)
                 o = out.detach().requires_grad_(True)
-                (gl,) = torch.autograd.grad(self._per_unit(o, y).sum(), o, create_graph=True)
+                (gl,) = torch.autograd.grad(self.loss(o, batch), o, create_graph=True)
                 HJV = [
                     torch.autograd.grad(gl, o, jv, retain_graph=True, allow_unused=True)[0]
                     if gl.requires_grad
@@ -147,15 +126,10 @@ class CurvatureOperator(HessianOperator):
                 HJV = [torch.zeros_like(o) if t is None else t * scale for t in HJV]
                 parts.append(_transpose_columns(out, theta, HJV))
             if VF.shape[1]:
-                losses = self._per_unit(out, y)
+                losses = self.loss.per_unit(out, batch)
                 JlV = _jacobian_columns(losses, theta, VF)
                 parts.append(_transpose_columns(losses, theta, [t * scale for t in JlV]))
         return torch.cat(parts, dim=1)
-
-    def _forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        from torch.func import functional_call
-
-        return functional_call(self._model, {**self._fixed, **self._unflatten(theta)}, (x,))
 
     # -- the shared data loop ------------------------------------------------------------------------------
     def remember_gradient(self, gradient: torch.Tensor) -> None:
@@ -202,19 +176,18 @@ class CurvatureOperator(HessianOperator):
         blocks = {kind: block.T.contiguous().T for kind, block in blocks.items()}
         total = sum(widths.values())
 
-        def compute() -> torch.Tensor:
-            out = torch.zeros(self.n, total, dtype=torch.float64, device=self.device)
-            for (x, y), w in zip(self.batches, self._weights, strict=True):
-                scale = 1.0 / len(x)
+        def compute(strategy: str) -> torch.Tensor:
+            def per_batch(batch: Batch, scale: float) -> torch.Tensor:
                 parts = []
                 if widths["H"]:
-                    parts.append(self._batch_hvp(blocks["H"], x, y))
+                    parts.append(self._batch_hvp(blocks["H"], batch, scale, strategy))
                 if widths["G"] or widths["F"]:
-                    parts.append(self._batch_gauss_newton(blocks["G"], blocks["F"], x, y, scale))
-                out.add_(torch.cat(parts, dim=1).to(torch.float64), alpha=w)
-            return out
+                    parts.append(self._batch_gauss_newton(blocks["G"], blocks["F"], batch, scale))
+                return torch.cat(parts, dim=1)
 
-        acc = self._reduce(self._with_fallback(compute))
+            return self._accumulate(per_batch, (self.n, total))
+
+        acc = self._reduce(self._run(compute))
         split = dict(zip(("H", "G", "F"), acc.split([widths["H"], widths["G"], widths["F"]], dim=1), strict=True))
         taken = {kind: 0 for kind in split}
         per_kind: dict[tuple[str, str], torch.Tensor] = {}

@@ -176,7 +176,8 @@ class HessianOperator:
             block_strategy = "reverse" if (self.device.type == "cpu" and has_conv) else "vmap"
         self.block_strategy = block_strategy
         self.strategy_fallback: str | None = None
-        self._checked = False
+        self._strategy_settled = False
+        self._loss_checked = False
 
         self._model = functional_copy(model, bn_mode, self.dtype)
         self.batches = [move_batch(batch, self.device, self.dtype) for batch in batches]
@@ -231,7 +232,11 @@ class HessianOperator:
 
     def _forward(self, theta: torch.Tensor, batch: Batch) -> Any:
         args, kwargs = model_arguments(batch)
-        return functional_call(self._model, {**self._fixed, **self._unflatten(theta)}, args, kwargs)
+        output = functional_call(self._model, {**self._fixed, **self._unflatten(theta)}, args, kwargs)
+        if not self._loss_checked:  # on the first forward pass: the output fits the loss (no extra pass)
+            self.loss.check(output, batch)
+            self._loss_checked = True
+        return output
 
     def _batch_loss(self, theta: torch.Tensor, batch: Batch, scale: float) -> torch.Tensor:
         """The batch's mean loss over its units (``scale`` = 1 / its units)."""
@@ -301,30 +306,23 @@ class HessianOperator:
                 return f"torch.func's {name} differs from autograd's by {diff / max(scale_b, 1e-300):.1e} relative"
         return None
 
-    def _check_once(self) -> None:
-        """Before the first gradient or product: the loss fits the model's output, and "auto" settles its strategy."""
-        if self._checked:
+    def _settle_strategy(self) -> None:
+        """Under "auto", before the first gradient or product: keep torch.func only if it works on the first batch."""
+        if self._strategy_settled or not self._auto or self.block_strategy == "reverse":
             return
         batch, scale, _ = next(self._weighted_batches(), (None, 0.0, 0.0))
-        reason = None
-        if batch is not None:
-            with torch.no_grad():
-                output = self._forward(self.theta, batch)
-            self.loss.check(output, batch)
-            if self._auto and self.block_strategy != "reverse":
-                reason = self._torch_func_disagrees(batch, scale)
-        if self._auto and self.block_strategy != "reverse":
-            # Every process of a data-parallel run must switch alike: any process's reason switches all.
-            flag = torch.tensor([0.0 if reason is None else 1.0], dtype=torch.float64, device=self.device)
-            if float(self._reduce(flag)[0]) > 0:
-                self.block_strategy = "reverse"
-                self.strategy_fallback = reason or "torch.func failed on another process"
-        self._checked = True
+        reason = None if batch is None else self._torch_func_disagrees(batch, scale)
+        # Every process of a data-parallel run must switch alike: any process's reason switches all.
+        flag = torch.tensor([0.0 if reason is None else 1.0], dtype=torch.float64, device=self.device)
+        if float(self._reduce(flag)[0]) > 0:
+            self.block_strategy = "reverse"
+            self.strategy_fallback = reason or "torch.func failed on another process"
+        self._strategy_settled = True
 
     def _run(self, compute: Callable[[str], torch.Tensor]) -> torch.Tensor:
         # Under "auto", torch.func failing later (another batch, memory) still falls back to plain autograd.
         with exact_attention():
-            self._check_once()
+            self._settle_strategy()
             strategy = self.block_strategy
             if strategy == "reverse" or not self._auto:
                 return compute(strategy)

@@ -371,6 +371,11 @@ class MeanLoss(Loss):
 
     def per_unit(self, output: Any, batch: Any) -> torch.Tensor:
         target = _target(batch, self.name)
+        if self.loss_fn in (F.cross_entropy, F.nll_loss):
+            return self.loss_fn(output, target, reduction="none")
+        if self.loss_fn is F.mse_loss:
+            return (output - target.reshape(output.shape)).square().reshape(output.shape[0], -1).mean(1)
+        # Any other functional: evaluated on one example at a time (its batch mean is the mean of those).
         return torch.stack([self.loss_fn(output[i : i + 1], target[i : i + 1]) for i in range(len(target))])
 
 
