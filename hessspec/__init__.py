@@ -5,6 +5,7 @@ load torch, and ``import hessspec`` is cheap::
 
     import hessspec
     op = hessspec.HessianOperator(model, batches, bn_mode="train")       # H of the mean loss over all batches
+    op = hessspec.HessianOperator(lm, token_batches, loss="lm")          # batches of dicts; mean over all tokens
     result = hessspec.analyze(op, hessspec.AnalysisSettings(lanczos_steps=90, probes=10))
     result.top_eigenvalues, result.overlap_ratio, result.density().values
     run = hessspec.load_results("results/nobn.h5")                       # typed results from an HDF5 file
@@ -22,6 +23,9 @@ _EXPORTS = {
     "HessianOperator": "hessspec.curvature.hessian",
     "DeterminismError": "hessspec.curvature.hessian",
     "CurvatureOperator": "hessspec.curvature.gauss_newton",
+    "Loss": "hessspec.curvature.losses",
+    "LossError": "hessspec.curvature.losses",
+    "get_loss": "hessspec.curvature.losses",
     "lanczos": "hessspec.linalg.lanczos",
     "LanczosResult": "hessspec.linalg.lanczos",
     "quadrature": "hessspec.linalg.spectrum",

@@ -429,8 +429,8 @@ def data_module(tmp_path, monkeypatch):
             def number():
                 return 3
 
-            def singles():
-                return [torch.zeros(2)]
+            def words():
+                return ["a text, not a tensor"]
 
             def empty():
                 return TensorDataset(torch.zeros(0, 2), torch.zeros(0))
@@ -462,7 +462,7 @@ def test_factory_datasets(data_module):
     [
         ("stream", r"must return a map-style torch Dataset .* got .*Stream"),
         ("number", r"must return a map-style torch Dataset .* got builtins.int"),
-        ("singles", r"its item 0 is Tensor"),
+        ("words", r"pairs, tuples whose first element is the input, or mappings of tensors; its item 0 is str"),
         ("empty", r"returned an empty dataset"),
         ("broken", r"raised OSError: disk on fire"),
         ("missing", r"has no attribute 'missing'"),
@@ -527,8 +527,27 @@ def test_materialize_generic_items():
     items = [(np.ones((2, 2)) * i, float(i % 2)) for i in range(5)]
     batches = materialize(items, 2, "cpu")
     assert [x.shape for x, _ in batches] == [(2, 2, 2), (2, 2, 2), (1, 2, 2)]
-    assert batches[0][1].dtype == torch.int64
+    assert batches[0][1].dtype == torch.float32  # floating targets take the analysis dtype; the loss decides
     assert batches[2][1].tolist() == [0]
+
+
+def test_materialize_items_of_any_structure():
+    from collections import UserDict
+
+    transformers = pytest.importorskip("transformers")
+    ids = torch.arange(15).reshape(5, 3)
+    for wrap in (dict, UserDict, transformers.BatchEncoding):
+        items = [wrap({"input_ids": ids[i], "attention_mask": torch.ones(3, dtype=torch.int64)}) for i in range(5)]
+        batches = materialize(items, 2, "cpu", torch.float64)
+        assert [type(b) for b in batches] == [dict] * 3
+        assert batches[0]["input_ids"].dtype == torch.int64  # token ids stay integer
+        torch.testing.assert_close(torch.cat([b["input_ids"] for b in batches]), ids)
+    triples = materialize([(np.ones(2) * i, i, np.float64(0.5)) for i in range(3)], 2, "cpu", torch.float64)
+    assert [tuple(t.dtype for t in b) for b in triples] == [(torch.float64, torch.int64, torch.float64)] * 2
+    inputs_only = materialize([torch.ones(2) * i for i in range(3)], 2, "cpu")
+    assert [len(b) for b in inputs_only] == [1, 1] and inputs_only[1][0].tolist() == [[2.0, 2.0]]
+    columns = materialize(TensorDataset(torch.zeros(3, 2), torch.zeros(3, 2), torch.arange(3)), 2, "cpu")
+    assert [len(b) for b in columns] == [3, 3]
 
 
 @pytest.mark.parametrize(
@@ -538,14 +557,11 @@ def test_materialize_generic_items():
         (TensorDataset(torch.zeros(3, 2), torch.zeros(3)), {"dtype": torch.int32}, "floating torch dtype"),
         (TensorDataset(torch.zeros(0, 2), torch.zeros(0)), {}, "empty dataset"),
         ([], {}, "empty dataset"),
-        (TensorDataset(torch.zeros(3, 2), torch.tensor([0.5, 1, 2])), {}, "non-integral floating-point labels"),
-        (TensorDataset(torch.zeros(3, 2), torch.zeros(3, 2)), {}, "one scalar label per input"),
         ([(torch.zeros(2), 0), (torch.zeros(3), 1)], {}, r"item 1 has input shape \[3\] but item 0 has \[2\]"),
-        ([(torch.zeros(2), torch.zeros(2))], {}, r"item 0: expected a scalar class label, got shape \[2\]"),
-        ([(torch.zeros(2), "cat")], {}, "item 0: expected an integer class label, got str"),
-        ([("image", 0)], {}, r"item 0: expected the input to be a tensor or array, got builtins.str"),
-        ([torch.zeros(2)], {}, r"item 0: expected an \(input, label\) pair, got Tensor"),
-        ([(torch.zeros(2), True)], {}, "got labels of dtype torch.bool"),
+        ([(torch.zeros(2), torch.zeros(2)), (torch.zeros(2), torch.zeros(3))], {}, r"item 1 has element 1 shape \[3\]"),
+        ([(torch.zeros(2), "cat")], {}, "item 0: expected element 1 to be a tensor, array or number, got builtins.str"),
+        ([("image", 0)], {}, r"item 0: expected the input to be a tensor, array or number, got builtins.str"),
+        ([{"a": torch.zeros(2)}, {"b": torch.zeros(2)}], {}, r"item 1 has entries \['b'\] but item 0 has \['a'\]"),
     ],
 )
 def test_materialize_errors(dataset, kwargs, fragment):

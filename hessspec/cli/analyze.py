@@ -192,11 +192,29 @@ class _Reporter:
 )  # fmt: skip
 @click.option("--data", "data", metavar="NAME[:ROOT]", help="Dataset: digits, cifar10:ROOT, ... (listed below).")
 @click.option(
-    "--data-factory", metavar="MODULE:FUNCTION", help="Your function returning a Dataset of (input, label) pairs."
+    "--data-factory",
+    metavar="MODULE:FUNCTION",
+    help="Your function returning a Dataset: (input, label) pairs, tuples (input first) or dicts of tensors.",
 )
 @click.option(
     "--data-arg", "data_args", metavar="KEY=VALUE", multiple=True,
     help="Argument of 'synthetic' or of the data factory (repeatable).",
+)  # fmt: skip
+@click.option(
+    "--loss", type=click.Choice(["cross-entropy", "mse", "nll", "lm"]), default=None,
+    show_default="the hf: model's head's, else cross-entropy",
+    help="Loss averaged over the data. cross-entropy: logits [batch, classes] vs integer labels. mse: squared "
+    "error summed over each example's outputs, averaged over examples (a unit-variance Gaussian's negative "
+    "log-likelihood times 2, so the Hessian does not shrink as outputs are added; torch's F.mse_loss, which also "
+    "averages over outputs, gives this Hessian divided by the outputs per example). nll: log-probabilities vs "
+    "labels. lm: next-token cross-entropy, logits [batch, T, vocab] at t vs labels (else input_ids) at t+1, "
+    "ignoring label -100 and padding (attention_mask 0), averaged over all target tokens of the data. Targets: "
+    "an item's 2nd element, or its 'labels' entry.",
+)  # fmt: skip
+@click.option(
+    "--loss-factory", metavar="MODULE:FUNCTION",
+    help="Your loss f(output, batch) -> scalar: the batch's mean over its examples, any batch structure, targets or "
+    "none (e.g. a PDE residual); or FILE.py:FUNCTION. Instead of --loss.",
 )  # fmt: skip
 @click.option(
     "--samples", type=click.IntRange(min=1), default=None, show_default="all",
@@ -290,6 +308,8 @@ def analyze(
     data: str | None,
     data_factory: str | None,
     data_args: tuple[str, ...],
+    loss: str | None,
+    loss_factory: str | None,
     samples: int | None,
     batch_size: int,
     lanczos_steps: int,
@@ -327,6 +347,11 @@ def analyze(
 
     model_spec = _choose(model, model_factory, "--model", "--model-factory")
     data_spec = _choose(data, data_factory, "--data", "--data-factory")
+    if loss and loss_factory:
+        raise click.UsageError("give --loss or --loss-factory, not both")
+    if loss_factory is not None and ":" not in loss_factory:
+        msg = f"expected MODULE:FUNCTION, got {loss_factory!r}"
+        raise click.BadParameter(msg, param_hint="--loss-factory")
     if top_k > lanczos_steps:
         msg = f"--top-k {top_k} exceeds --lanczos-steps {lanczos_steps}: Lanczos finds at most that many eigenpairs"
         raise click.BadParameter(msg, param_hint="--top-k")
@@ -342,6 +367,8 @@ def analyze(
         device=device,
         params=params,
         block_strategy=block_strategy,
+        loss=loss,
+        loss_factory=loss_factory.strip() if loss_factory else None,
         settings=AnalysisSettings(
             lanczos_steps=lanczos_steps,
             probes=probes,

@@ -160,8 +160,8 @@ class _ClassLabels(_OneTargetPerExample):
         raise NotImplementedError
 
     def _labels(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if target.is_floating_point() and target.ndim == 1:
-            return target.long()  # integral floating labels (checked in check_targets) are class indices
+        if target.ndim == 1 and target.dtype != torch.int64:
+            return target.long()  # uint8/int32 labels, or integral floating ones (see check_targets): class indices
         return target
 
     def check_targets(self, batch: Any, output: Any) -> None:
@@ -173,10 +173,8 @@ class _ClassLabels(_OneTargetPerExample):
         if self.soft_targets_allowed and target.is_floating_point() and target.shape[1:] == pred.shape[1:]:
             return
         if target.ndim != 1 or target.dtype == torch.bool or target.is_complex():
-            msg = (
-                f"loss {self.name!r} needs integer class labels [batch] (or class probabilities [batch, "
-                f"{pred.shape[1]}]); got a target of {describe(target)}"
-            )
+            soft = f" (or class probabilities [batch, {pred.shape[1]}])" if self.soft_targets_allowed else ""
+            msg = f"loss {self.name!r} needs integer class labels [batch]{soft}; got a target of {describe(target)}"
             raise LossError(msg)
         if target.is_floating_point() and not bool((target == target.round()).all()):
             msg = f"loss {self.name!r} needs integer class labels; got non-integral values of {describe(target)}"
@@ -293,7 +291,7 @@ class LanguageModelLoss(Loss):
 
     def _shifted_targets(self, batch: Any) -> torch.Tensor:
         labels, mask = self._labels_and_mask(batch)
-        targets = labels[:, 1:]
+        targets = labels[:, 1:].long()
         ignored = targets == IGNORE_INDEX
         if mask is not None:
             ignored = ignored | (mask[:, 1:] == 0)
@@ -415,6 +413,20 @@ class FunctionLoss(Loss):
             raise LossError(msg)
 
 
+def loss_name(name: str) -> str:
+    """The canonical name of a built-in loss (``"CE"`` -> ``"cross-entropy"``).
+
+    Raises:
+        LossError: an unknown name.
+    """
+    canonical = str(name).strip().lower().replace("_", "-")
+    canonical = "cross-entropy" if canonical in ("ce", "crossentropy") else canonical
+    if canonical not in LOSSES:
+        msg = f"unknown loss {name!r}; expected one of {', '.join(LOSSES)} (or a loss factory)"
+        raise LossError(msg)
+    return canonical
+
+
 def get_loss(loss: str | Loss | None = None) -> Loss:
     """A :class:`Loss` from a name (:data:`LOSSES`), or ``loss`` itself.
 
@@ -432,13 +444,7 @@ def get_loss(loss: str | Loss | None = None) -> Loss:
     if isinstance(loss, Loss):
         return loss
     builders = {"cross-entropy": CrossEntropyLoss, "mse": MSELoss, "nll": NLLLoss, "lm": LanguageModelLoss}
-    name = str(loss).strip().lower().replace("_", "-")
-    if name in ("ce", "crossentropy"):
-        name = "cross-entropy"
-    if name not in builders:
-        msg = f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)} (or a loss factory)"
-        raise LossError(msg)
-    return builders[name]()
+    return builders[loss_name(loss)]()
 
 
 def loss_from_factory(spec: str) -> FunctionLoss:

@@ -10,7 +10,8 @@ Specs accepted by ``load_dataset``:
     ``synthetic``              seeded Gaussian inputs labelled by a fixed random linear teacher.
     ``text:FILE``              a UTF-8 text tokenised into sequences of ``seq_len`` tokens (``hessspec.data.text``).
     ``tokens:FILE``            a pre-tokenised integer array [N, T], ``.npy`` or ``.pt``.
-    ``module:function``        a user factory returning a map-style Dataset of (input, label) pairs.
+    ``module:function``        a user factory returning a map-style Dataset: items are (input, label) pairs, tuples
+                               whose first element is the input, or mappings of tensors (see ``materialize``).
 
 Nothing is ever downloaded.
 """
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
+from hessspec.curvature.problem import is_mapping, move_batch
 from hessspec.models.factory import FactoryError, load_factory
 
 # Per-channel mean and std of the training images scaled to [0, 1] (the values in common use, e.g. torchvision
@@ -336,20 +338,19 @@ def synthetic_dataset(
 def _check_map_style(dataset: Any, spec: str) -> None:
     kind = f"{type(dataset).__module__}.{type(dataset).__qualname__}"
     if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
-        msg = (
-            f"data factory {spec!r} must return a map-style torch Dataset (with __getitem__ and __len__) of "
-            f"(input, label) pairs, got {kind}"
-        )
+        msg = f"data factory {spec!r} must return a map-style torch Dataset (with __getitem__ and __len__), got {kind}"
         raise DatasetError(msg)
     if len(dataset) < 1:
         msg = f"data factory {spec!r} returned an empty dataset ({kind})"
         raise DatasetError(msg)
     first = dataset[0]
-    if not isinstance(first, (tuple, list)) or len(first) != 2:
-        got = f"a {type(first).__name__} of length {len(first)}" if isinstance(first, (tuple, list)) else None
+    if not (isinstance(first, (tuple, list, torch.Tensor, np.ndarray)) or is_mapping(first)) or (
+        isinstance(first, (tuple, list)) and not first
+    ):
+        got = "an empty sequence" if isinstance(first, (tuple, list)) else type(first).__name__
         msg = (
-            f"data factory {spec!r} must return a dataset of (input, label) pairs; its item 0 is "
-            f"{got or type(first).__name__}"
+            f"data factory {spec!r} must return a dataset of (input, label) pairs, tuples whose first element is "
+            f"the input, or mappings of tensors; its item 0 is {got}"
         )
         raise DatasetError(msg)
 
@@ -480,85 +481,106 @@ def _subset(dataset: Dataset, samples: int | None, seed: int) -> Dataset:
     return Subset(dataset, indices.tolist())
 
 
-def _tensor_pair(dataset: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _tensor_columns(dataset: Any) -> tuple[torch.Tensor, ...] | None:
     # Fast path: TensorDataset (possibly inside Subsets) is indexed as a whole instead of item by item.
     index: torch.Tensor | None = None
     while isinstance(dataset, Subset):
         step = torch.as_tensor(list(dataset.indices), dtype=torch.int64)
         index = step if index is None else step[index]
         dataset = dataset.dataset
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
-        inputs, labels = dataset.tensors
-        return (inputs, labels) if index is None else (inputs[index], labels[index])
+    if isinstance(dataset, TensorDataset) and dataset.tensors:
+        return tuple(t if index is None else t[index] for t in dataset.tensors)
     return None
 
 
-def _as_input(value: Any, position: int) -> torch.Tensor:
+def _as_tensor(value: Any, position: int, where: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, (np.ndarray, np.generic, int, float)):
+    if isinstance(value, (np.ndarray, np.generic, int, float, bool)):
         return torch.as_tensor(value)
     msg = (
-        f"dataset item {position}: expected the input to be a tensor or array, got "
+        f"dataset item {position}: expected {where} to be a tensor, array or number, got "
         f"{type(value).__module__}.{type(value).__qualname__} (add a ToTensor transform?)"
     )
     raise DatasetError(msg)
 
 
-def _as_label(value: Any, position: int) -> torch.Tensor:
-    try:
-        label = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError) as error:
-        msg = f"dataset item {position}: expected an integer class label, got {type(value).__name__}"
-        raise DatasetError(msg) from error
-    if label.numel() != 1:
-        msg = f"dataset item {position}: expected a scalar class label, got shape {list(label.shape)}"
-        raise DatasetError(msg)
-    return label.reshape(())
+def _entries(item: Any, position: int) -> tuple[list[Any], list[Any]]:
+    # (names, values) of an item: a mapping's keys, a tuple's positions, or a bare input as a 1-tuple.
+    if is_mapping(item):
+        keys = list(item.keys())
+        return keys, [item[key] for key in keys]
+    if isinstance(item, (tuple, list)):
+        if not item:
+            msg = f"dataset item {position}: expected (input, ...) or a mapping of tensors, got an empty sequence"
+            raise DatasetError(msg)
+        return list(range(len(item))), list(item)
+    return [0], [item]
 
 
-def _stack_items(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _describe_entry(name: Any) -> str:
+    return f"entry {name!r}" if isinstance(name, str) else ("the input" if name == 0 else f"element {name}")
+
+
+def _stack_items(dataset: Any) -> tuple[Any, list[torch.Tensor]]:
+    """Stack every item's entries: (the first item, as the structure to rebuild, and the stacked entries)."""
     size = len(dataset)
     if size < 1:
         msg = "cannot materialize an empty dataset"
         raise DatasetError(msg)
-    inputs: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
+    first = dataset[0]
+    names, _ = _entries(first, 0)
+    columns: list[list[torch.Tensor]] = [[] for _ in names]
     for position in range(size):
-        item = dataset[position]
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            msg = f"dataset item {position}: expected an (input, label) pair, got {type(item).__name__}"
+        item = first if position == 0 else dataset[position]
+        item_names, values = _entries(item, position)
+        if item_names != names:
+            msg = f"dataset item {position} has entries {item_names} but item 0 has {names}; all items must agree"
             raise DatasetError(msg)
-        x = _as_input(item[0], position)
-        if inputs and x.shape != inputs[0].shape:
-            msg = (
-                f"dataset item {position} has input shape {list(x.shape)} but item 0 has "
-                f"{list(inputs[0].shape)}; all inputs must have the same shape"
-            )
-            raise DatasetError(msg)
-        inputs.append(x)
-        labels.append(_as_label(item[1], position))
-    return torch.stack(inputs), torch.stack(labels)
+        for name, value, column in zip(names, values, columns, strict=True):
+            tensor = _as_tensor(value, position, _describe_entry(name))
+            if column and tensor.shape != column[0].shape:
+                what = "input" if name == 0 else _describe_entry(name)
+                msg = (
+                    f"dataset item {position} has {what} shape {list(tensor.shape)} but item 0 has "
+                    f"{list(column[0].shape)}; all items must have the same shape"
+                )
+                raise DatasetError(msg)
+            column.append(tensor)
+    return first, [torch.stack(column) for column in columns]
+
+
+def _rebuild_item(first: Any, values: Sequence[Any]) -> Any:
+    if is_mapping(first):
+        return dict(zip(first.keys(), values, strict=True))
+    return tuple(values)
 
 
 def materialize(
     dataset: Dataset, batch_size: int, device: str | torch.device, dtype: torch.dtype = torch.float32
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> list:
     """Stack a dataset into device-resident batches, once: what the Hessian operator iterates over.
 
+    Items of any structure are stacked entry by entry: ``(input, target)`` pairs, tuples whose first element is
+    the input (a bare input becomes a 1-tuple), or mappings of tensors (``dict``, ``BatchEncoding``, ...; batches are
+    dicts). Which entry is a target, and whether it fits, is decided by the loss
+    (:mod:`hessspec.curvature.losses`).
+
     Args:
-        dataset: map-style dataset of (input, label) pairs, in the order to keep.
+        dataset: map-style dataset, in the order to keep.
         batch_size: examples per batch; the last batch holds the remainder and may be smaller.
         device: where the batches live (one transfer for the whole set).
-        dtype: floating dtype of the inputs.
+        dtype: floating dtype of the floating entries (inputs, regression targets); integer entries (class labels,
+            token ids, attention masks) stay integer.
 
     Returns:
-        ``[(inputs [b, ...] dtype, labels [b] int64), ...]``, consecutive slices of one stacked tensor pair
-        (views; they may share memory with a ``TensorDataset`` already on ``device`` with ``dtype``).
+        A list of batches with the items' structure, e.g. ``[(inputs [b, ...] dtype, labels [b] int64), ...]``, each
+        entry a consecutive slice of one stacked tensor (views; they may share memory with a ``TensorDataset``
+        already on ``device`` with ``dtype``).
 
     Raises:
-        DatasetError: for a non-positive batch size, a non-floating dtype, an empty dataset, items that are not
-            (tensor-like input, integer label) pairs, inputs of differing shapes or non-integral labels.
+        DatasetError: for a non-positive batch size, a non-floating dtype, an empty dataset, entries that are not
+            tensors, arrays or numbers, items whose structure or entry shapes differ.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         msg = f"batch_size must be an integer >= 1, got {batch_size!r}"
@@ -566,20 +588,15 @@ def materialize(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         msg = f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}"
         raise DatasetError(msg)
-    pair = _tensor_pair(dataset)
-    inputs, labels = pair if pair is not None else _stack_items(dataset)
-    if len(inputs) < 1:
+    columns = _tensor_columns(dataset)
+    if columns is not None:
+        first: Any = columns
+        stacked = list(columns)
+    else:
+        first, stacked = _stack_items(dataset)
+    if len(stacked[0]) < 1:
         msg = "cannot materialize an empty dataset"
         raise DatasetError(msg)
-    if labels.shape != (inputs.shape[0],):
-        msg = f"expected one scalar label per input ({inputs.shape[0]}), got labels of shape {list(labels.shape)}"
-        raise DatasetError(msg)
-    if labels.is_complex() or labels.dtype == torch.bool:
-        msg = f"expected integer class labels, got labels of dtype {labels.dtype}"
-        raise DatasetError(msg)
-    if labels.is_floating_point() and not bool((labels == labels.round()).all()):
-        msg = "expected integer class labels, got non-integral floating-point labels"
-        raise DatasetError(msg)
-    inputs = inputs.to(device=device, dtype=dtype)
-    labels = labels.to(device=device, dtype=torch.int64)
-    return list(zip(inputs.split(batch_size), labels.split(batch_size), strict=True))
+    stacked = [move_batch(t, device, dtype) for t in stacked]
+    pieces = [t.split(batch_size) for t in stacked]
+    return [_rebuild_item(first, values) for values in zip(*pieces, strict=True)]

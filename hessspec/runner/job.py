@@ -43,6 +43,10 @@ class AnalysisJob:
         device: "auto" (CUDA if available, else the CPU), "cpu", "cuda", "cuda:I" or "mps".
         params: a regular expression; only parameters whose names it matches (``re.search``) span the Hessian.
             None for all parameters that require gradients.
+        loss: "cross-entropy", "mse", "nll" or "lm" (see :mod:`hessspec.curvature.losses`), or None for the model's
+            default: its head's for a Hugging Face model (resolved when the model is built), else cross-entropy.
+        loss_factory: ``module:function`` or ``FILE.py:function`` of a loss ``f(output, batch) -> scalar`` (the
+            batch's mean over examples), instead of ``loss``.
         block_strategy: how the operator evaluates a block of probes ("auto", "vmap", "loop" or "reverse"; see
             :class:`~hessspec.curvature.hessian.HessianOperator`). It changes rounding only, so resuming ignores it.
         settings: the SLQ settings (seed, Lanczos steps, probes, the curvatures and parameter blocks analysed,
@@ -61,6 +65,8 @@ class AnalysisJob:
     device: str = "auto"
     params: str | None = None
     block_strategy: str = "auto"
+    loss: str | None = None
+    loss_factory: str | None = None
     settings: AnalysisSettings = field(default_factory=AnalysisSettings)
     label: str | None = None
 
@@ -105,12 +111,34 @@ class AnalysisJob:
             arguments.setdefault("tokenizer", model[len("hf:") :])
         return arguments
 
+    def loss_label(self) -> str | None:
+        """The loss as recorded in the config: a canonical name, ``factory:SPEC``, or None while a Hugging Face
+        model's default is not yet resolved (see :func:`hessspec.runner.pipeline.prepare`).
+
+        Raises:
+            PipelineError: both ``loss`` and ``loss_factory``, or an unknown loss name.
+        """
+        from hessspec.curvature.losses import LossError, loss_name
+
+        if self.loss is not None and self.loss_factory is not None:
+            msg = f"give --loss or --loss-factory, not both (got {self.loss!r} and {self.loss_factory!r})"
+            raise PipelineError(msg)
+        if self.loss_factory is not None:
+            return f"factory:{self.loss_factory.strip()}"
+        if self.loss is not None:
+            try:
+                return loss_name(self.loss)
+            except LossError as error:
+                raise PipelineError(str(error)) from None
+        return None if self.model.strip().startswith("hf:") else "cross-entropy"
+
     def config(self, device: str | None = None, world_size: int = 1) -> dict[str, Any]:
         """The run's config as stored in the result file.
 
         Everything that changes the numbers (compared when resuming or merging), plus ``label``, ``device``,
         ``data_root``, ``basis_device``, ``probes_per_pass`` and ``world_size``, which ``hessspec.store`` ignores in
-        that comparison.
+        that comparison. ``loss`` (:meth:`loss_label`) is absent for cross-entropy, so files written before losses
+        could be chosen resume as they are.
 
         Args:
             device: the resolved device to record (default: ``self.device`` as given).
@@ -152,6 +180,9 @@ class AnalysisJob:
             config["curvatures"] = list(s.curvatures)
         if s.blocks:
             config["blocks"] = list(s.blocks)
+        loss = self.loss_label()
+        if loss != "cross-entropy":  # absent means cross-entropy, as in files written before losses were chosen
+            config["loss"] = loss
         if data_root is not None:
             config["data_root"] = data_root
         if world_size > 1:

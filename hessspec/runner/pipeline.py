@@ -38,7 +38,18 @@ from hessspec.checkpoints import (
 from hessspec.curvature.blocks import BlockError, resolve_blocks
 from hessspec.curvature.gauss_newton import CurvatureOperator
 from hessspec.curvature.hessian import check_block_strategy
-from hessspec.curvature.problem import Batch, batch_norm_layers, check_bn_mode
+from hessspec.curvature.losses import Loss, LossError, get_loss, loss_from_factory
+from hessspec.curvature.problem import (
+    Batch,
+    batch_norm_layers,
+    batch_size,
+    call_model,
+    check_bn_mode,
+    describe_batch,
+    exact_attention,
+    move_batch,
+    slice_batch,
+)
 from hessspec.results import CheckpointResult
 from hessspec.runner.job import (
     AnalysisJob,
@@ -70,6 +81,7 @@ class Prepared:
         total_examples: examples analysed by all processes together (``num_examples`` in one process).
         total_batches: batches of all processes together (``len(batches)`` in one process).
         blocks: the names and sizes of the parameter blocks of ``job.settings.blocks`` (empty for none).
+        loss: the loss the operators differentiate (the job's, or the model's default).
     """
 
     job: AnalysisJob
@@ -83,6 +95,7 @@ class Prepared:
     total_examples: int
     total_batches: int
     blocks: tuple[tuple[str, int], ...] = ()
+    loss: Loss | None = None
 
     @property
     def kinds(self) -> tuple[tuple[str, str], ...]:
@@ -96,40 +109,61 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def _check_model_fits_data(model: nn.Module, batches: Sequence[Batch], job: AnalysisJob) -> None:
-    # One forward pass on two examples, so that a model that cannot take the data fails here with a hint, not
-    # in the middle of the first checkpoint's Hessian products.
-    x, y = batches[0]
+def resolve_loss(job: AnalysisJob, model: nn.Module) -> Loss:
+    """The loss of a job: ``loss_factory``, else ``loss``, else the model's default (its head's for a Hugging Face
+    model, see :func:`hessspec.models.default_loss`; cross-entropy otherwise).
+
+    Raises:
+        PipelineError: both or an unknown loss name, a loss factory that cannot be imported.
+        hessspec.models.ModelError: a Hugging Face head without a default loss.
+    """
+    from hessspec.models import default_loss
+    from hessspec.models.factory import FactoryError
+
+    label = job.loss_label()
+    if job.loss_factory is not None:
+        try:
+            return loss_from_factory(job.loss_factory)
+        except FactoryError as error:
+            msg = f"--loss-factory: {error}"
+            raise PipelineError(msg) from error
+    return get_loss(label if label is not None else default_loss(model))
+
+
+def _check_model_fits_data(model: nn.Module, batches: Sequence[Batch], job: AnalysisJob, loss: Loss) -> None:
+    # One forward pass on two examples, so that a model that cannot take the data, or an output and targets that do
+    # not fit the loss, fail here with a hint, not in the middle of the first checkpoint's Hessian products.
+    first = next(iter(model.parameters()))
+    original = slice_batch(batches[0], 2)
+    sample = move_batch(original, first.device, first.dtype)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            out = model(x[:2].to(next(model.parameters()).dtype))
+        with torch.no_grad(), exact_attention():
+            out = call_model(model, sample)
     except Exception as error:
         msg = (
-            f"model {job.model!r} cannot process the data {job.data!r} (inputs of shape {list(x.shape[1:])}): "
+            f"model {job.model!r} cannot process the data {job.data!r} (a batch of {describe_batch(sample)}): "
             f"{_first_line(error)}; check --model-arg (e.g. in_features, in_channels) against the data"
         )
         raise PipelineError(msg) from error
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        msg = f"model {job.model!r} must return logits of shape [batch, classes] for cross-entropy; got {shape}"
-        raise PipelineError(msg)
-    top_label = int(max(int(labels.max()) for _, labels in batches))
-    if top_label >= out.shape[1]:
-        msg = (
-            f"model {job.model!r} has {out.shape[1]} outputs but the data has labels up to {top_label}; "
-            f"pass --model-arg num_classes={top_label + 1}"
-        )
-        raise PipelineError(msg)
+    try:
+        loss.check(out, original)
+        for batch in batches:
+            loss.check_targets(batch, out)
+    except LossError as error:
+        raise PipelineError(str(error)) from error
+    except Exception as error:  # a loss factory failing on the data
+        msg = f"the loss {loss.name!r} fails on the data {job.data!r}: {_first_line(error)}"
+        raise PipelineError(msg) from error
 
 
 def _check_batch_sizes(model: nn.Module, batches: Sequence[Batch], job: AnalysisJob) -> None:
     if job.bn_mode != "train" or not batch_norm_layers(model):
         return
-    sizes = [len(x) for x, _ in batches]
+    sizes = [batch_size(batch) for batch in batches]
     if 1 in sizes:
         total = sum(sizes)
         msg = (
@@ -153,8 +187,9 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
 
     Raises:
         ValueError: unknown ``bn_mode`` or ``block_strategy``.
-        PipelineError: unknown device or dtype, data the model cannot process, a batch of one example in BN train
-            mode, a ``params`` pattern that selects nothing.
+        PipelineError: unknown device or dtype, data the model cannot process, an output or targets that do not
+            fit the loss, a loss factory that cannot be imported, a batch of one example in BN train mode, a
+            ``params`` pattern that selects nothing.
         hessspec.models.ModelError, hessspec.models.FactoryError: the model cannot be built.
         hessspec.data.datasets.DatasetError: the data cannot be loaded.
     """
@@ -179,8 +214,9 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
     model = model.to(device)
     dataset = load_dataset(job.data, samples=job.samples, seed=job.settings.seed, **job.effective_data_args())
     batches = materialize(dataset, job.batch_size, device, dtype)
-    _check_model_fits_data(model, batches, job)
-    total_examples, total_batches = sum(len(x) for x, _ in batches), len(batches)
+    loss = resolve_loss(job, model)
+    _check_model_fits_data(model, batches, job, loss)
+    total_examples, total_batches = sum(batch_size(batch) for batch in batches), len(batches)
     if shard_batches is not None:
         batches = list(shard_batches(batches))
     _check_batch_sizes(model, batches, job)
@@ -202,12 +238,13 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
         batches=batches,
         device=device,
         dtype=dtype,
-        num_examples=sum(len(x) for x, _ in batches),
+        num_examples=sum(batch_size(batch) for batch in batches),
         num_params=sum(params[name].numel() for name in names),
         selector=selector,
         total_examples=total_examples,
         total_batches=total_batches,
         blocks=tuple((block.name, block.n) for block in blocks),
+        loss=loss,
     )
 
 
@@ -335,6 +372,7 @@ def analyze_loaded(
         dtype=prepared.dtype,
         all_reduce=all_reduce,
         block_strategy=prepared.job.block_strategy,
+        loss=prepared.loss,
     )
     return analyze_many(
         operator,
@@ -438,7 +476,11 @@ def check_output(out: str | os.PathLike[str], job: AnalysisJob, *, force: bool =
     if not path.exists():
         return
     stored = load_results(path)
-    diffs = config_differences(stored.config, job.config())
+    given, stored_config = job.config(), dict(stored.config)
+    if job.loss_label() is None:  # the model's default loss, known once the model is built: compared by run()
+        given.pop("loss", None)
+        stored_config.pop("loss", None)
+    diffs = config_differences(stored_config, given)
     if diffs and not force:
         shown = ", ".join(f"{key} ({a!r} in the file, {b!r} now)" for key, (a, b) in diffs.items())
         msg = (
@@ -517,6 +559,8 @@ def run(
             plan = select(plan)
     with guard("building the model and loading the data"):
         prepared = prepare(job, shard_batches=shard_batches)
+    if job.loss_label() is None and prepared.loss is not None:  # record the model's default loss by its name
+        job = replace(job, loss=prepared.loss.name)
     if job.label is None and not os.path.exists(out):
         job = replace(job, label=Path(out).stem)
     writer = None
