@@ -164,3 +164,19 @@ def test_bad_losses_are_one_error_line(user, tmp_path, args, fragments):
     result = _analyze(CliRunner(), user, *args, "--lanczos-steps", "5", "--out", str(tmp_path / "o.h5"))
     assert_one_error(result, *fragments)
     assert not (tmp_path / "o.h5").exists()
+
+
+def test_job_records_the_loss_and_resolves_the_default():
+    from hessspec.runner.job import AnalysisJob, PipelineError
+
+    assert "loss" not in AnalysisJob(model="mlp", data="digits").config()  # cross-entropy, as in older files
+    assert "loss" not in AnalysisJob(model="mlp", data="digits", loss="CE").config()
+    assert AnalysisJob(model="mlp", data="digits", loss="mse").config()["loss"] == "mse"
+    assert AnalysisJob(model="m:f", data="d:f", loss_factory=" mine.py:residual ").config()["loss"] == (
+        "factory:mine.py:residual"
+    )
+    assert AnalysisJob(model="hf:some/dir", data="text:x.txt").loss_label() is None  # the head decides, later
+    with pytest.raises(PipelineError, match="not both"):
+        AnalysisJob(model="mlp", data="digits", loss="mse", loss_factory="m:f").config()
+    with pytest.raises(PipelineError, match="unknown loss 'hinge'"):
+        AnalysisJob(model="mlp", data="digits", loss="hinge").config()

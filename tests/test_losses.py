@@ -328,8 +328,10 @@ def test_torch_builtin_losses_under_the_default_strategy(name):
 
 
 def test_mse_loss_zero_tensor_root_cause():
-    """F.mse_loss's forward-mode rule divides the (efficient zero) tangent of its target in place; with
-    reduction="sum" there is no division and torch.func works. The built-in "mse" loss avoids the functional."""
+    """With reduction "mean", F.mse_loss's forward-mode rule (torch's mse_loss_double_backward) computes
+    ``2 * tangent`` and divides it in place by the number of elements; for the target, which has no tangent, that is
+    an immutable efficient zero. With reduction "sum" there is no division and torch.func works; the built-in "mse"
+    loss does not use the functional."""
     x, y = _data("values")
     model = _KeywordNet(False, outputs=2)
     with pytest.raises(RuntimeError, match="ZeroTensors are immutable"):

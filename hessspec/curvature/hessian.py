@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
-from hessspec.curvature.losses import Loss, LossError, MeanLoss, get_loss
+from hessspec.curvature.losses import Loss, MeanLoss, get_loss
 from hessspec.curvature.problem import (
     ATTENTION_KERNEL,
     Batch,
@@ -34,7 +34,6 @@ from hessspec.curvature.problem import (
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BLOCK_STRATEGIES = ("auto", "vmap", "loop", "reverse")
 ParamSelector = Sequence[str] | Callable[[str, nn.Parameter], bool] | None
-__all__ = ["DeterminismError", "HessianOperator", "LossAndGradient", "LossError", "check_block_strategy"]
 
 
 class DeterminismError(RuntimeError):
@@ -125,9 +124,11 @@ class HessianOperator:
             checks torch.func on the first batch against "reverse" (the gradient and a two-column product) and
             switches to "reverse" when torch.func fails in any way (an ``autograd.Function`` without
             ``setup_context``, an op or a built-in loss without a forward-mode derivative, e.g. ``F.huber_loss``;
-            ``F.mse_loss``'s forward-mode rule writes in place into the zero tangent of its target, "ZeroTensors are
-            immutable") or disagrees; the reason is kept in :attr:`strategy_fallback`. The choice changes only
-            rounding, and it is deterministic, so the same seed gives the same results.
+            with reduction "mean", ``F.mse_loss``'s forward-mode rule, ``mse_loss_double_backward``, divides
+            ``2 * tangent`` in place by the number of elements, and the tangent of the target, which has none, is an
+            immutable efficient zero: "ZeroTensors are immutable") or disagrees; the reason is kept in
+            :attr:`strategy_fallback`. The choice changes only rounding, and it is deterministic, so the same seed
+            gives the same results.
 
     Raises:
         ValueError: bad ``bn_mode``, empty data, unknown or empty parameter selection, both ``loss`` and
