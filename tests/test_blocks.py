@@ -73,6 +73,7 @@ def digits_blocks():
     return model, op, H, settings, results
 
 
+@pytest.mark.slow
 def test_block_top_eigenvalues_trace_and_density_match_the_dense_diagonal_blocks(digits_blocks):
     _, op, H, settings, results = digits_blocks
     blocks = {b.name: b for b in operator_blocks(op, settings)}
@@ -101,6 +102,7 @@ def test_block_top_eigenvalues_trace_and_density_match_the_dense_diagonal_blocks
         np.testing.assert_allclose(r.weights.sum(axis=1), 1.0, atol=1e-13)
 
 
+@pytest.mark.slow
 def test_block_overlap_is_that_of_the_block_gradient(digits_blocks):
     _, op, H, settings, results = digits_blocks
     g = op.loss_and_gradient().gradient
@@ -115,6 +117,7 @@ def test_block_overlap_is_that_of_the_block_gradient(digits_blocks):
         np.testing.assert_allclose(r.cos2[:k], exact, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_whole_model_result_unchanged_by_blocks(digits_blocks):
     """Bitwise under "reverse" (each column's product is its own backward); see the vmap case below."""
     _, op, _, settings, results = digits_blocks
