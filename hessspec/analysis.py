@@ -37,7 +37,8 @@ from hessspec.linalg.lanczos import (
     lanczos_memory_estimate,
     merge_results,
 )
-from hessspec.linalg.overlap import gradient_overlap, ritz_pairs
+from hessspec.linalg.overlap import gradient_overlap
+from hessspec.linalg.ritz import union_ritz_pairs
 from hessspec.results import CheckpointResult
 
 DEFAULT_LANCZOS_STEPS = 90  # Ghorbani et al. (2019), Sec. 2
@@ -104,6 +105,45 @@ class AnalysisSettings:
         out = dict(self.__dict__)
         out["curvatures"], out["blocks"] = list(self.curvatures), list(self.blocks)
         return out
+
+
+def resolvable_top_k(settings: AnalysisSettings, n: int | None = None) -> int:
+    """The largest ``top_k`` the Krylov spaces of the whole model's Hessian can resolve.
+
+    The top pairs come from a Rayleigh-Ritz over the union of all chains' Krylov spaces
+    (:func:`hessspec.linalg.ritz.union_ritz_pairs`), of dimension ``d <= min(n, m * chains)``. Its Ritz values
+    approximate both ends of the spectrum and the bulk between them, so at most about half of them can approximate
+    top eigenvalues: ``top_k <= d // 2``, and never more than one per Lanczos step (``top_k <= m``). When the chains
+    can span the whole space (``m * chains >= n``), Rayleigh-Ritz gives eigenpairs and the limit is ``min(m, n)``.
+    Within the limit each pair carries a converged flag; beyond it a top list is certain to hold bulk Ritz values.
+    Blocks and curvatures without the gradient chain are clamped to their own limit (:func:`krylov_top_k_limit`).
+
+    Args:
+        settings: the settings (``lanczos_steps``, ``probes``, ``gradient_crosscheck``).
+        n: the dimension of the operator, when known.
+
+    Returns:
+        The limit (at least 1).
+    """
+    return krylov_top_k_limit(settings.lanczos_steps, settings.probes + int(settings.gradient_crosscheck), n)
+
+
+def krylov_top_k_limit(steps: int, chains: int, n: int | None = None) -> int:
+    """Top pairs resolvable from ``chains`` Lanczos chains of ``steps`` steps in dimension ``n`` (see
+    :func:`resolvable_top_k`): ``min(steps, steps * chains // 2)``, or ``min(steps, n)`` when they can span it."""
+    if n is not None and steps * chains >= n:
+        return max(1, min(steps, int(n)))
+    return max(1, min(steps, steps * chains // 2))
+
+
+def top_k_limit_reason(settings: AnalysisSettings, n: int | None = None) -> str:
+    """One clause saying why ``top_k`` is limited to :func:`resolvable_top_k` (for error messages)."""
+    chains = settings.probes + int(settings.gradient_crosscheck)
+    dimension = settings.lanczos_steps * chains
+    space = f"{chains} chain(s) of {settings.lanczos_steps} Lanczos steps span at most {dimension} dimensions"
+    if n is not None and dimension >= n:
+        return f"{space} (the operator has {n}), and the top list holds one pair per step"
+    return f"{space}, whose Ritz values spread over both ends of the spectrum, and the top list holds one per step"
 
 
 def rademacher_probes(n: int, p: int, seed: int) -> torch.Tensor:
@@ -211,8 +251,9 @@ def _check_settings(settings: AnalysisSettings, n: int) -> None:
     if not 1 <= settings.lanczos_steps <= n:
         msg = f"lanczos_steps must lie in 1..n_params ({n}); got {settings.lanczos_steps}"
         raise ValueError(msg)
-    if not 1 <= settings.top_k <= settings.lanczos_steps:
-        msg = f"top_k must lie in 1..lanczos_steps ({settings.lanczos_steps}); got {settings.top_k}"
+    resolvable = resolvable_top_k(settings, n)
+    if not 1 <= settings.top_k <= resolvable:
+        msg = f"top_k must lie in 1..{resolvable}: {top_k_limit_reason(settings, n)}; got {settings.top_k}"
         raise ValueError(msg)
     if settings.basis_dtype not in ("float64", "float32"):
         msg = f"basis_dtype must be float64 or float32; got {settings.basis_dtype!r}"
@@ -249,7 +290,8 @@ def analyze(operator: HessianOperator, settings: AnalysisSettings | None = None,
         :class:`hessspec.results.CheckpointResult`.
 
     Raises:
-        ValueError: settings out of range (``lanczos_steps > n``, ``probes < 1``, ``top_k > lanczos_steps``), or
+        ValueError: settings out of range (``lanczos_steps > n``, ``probes < 1``, ``top_k`` above
+            :func:`resolvable_top_k`), or
             several curvatures or blocks (use :func:`analyze_many`).
         FloatingPointError: non-finite loss, gradient or Hessian product.
         DeterminismError: two passes over the data differ.
@@ -450,8 +492,10 @@ def _result(
     nodes, weights = quad.nodes[:p], quad.weights[:p]
     n = group.n
     trace, trace_stderr = spectrum.trace_estimate(nodes, weights, n)
-    top_k = min(settings.top_k, group.steps)
-    ritz = ritz_pairs(run, top_k, chain=0)
+    # The whole model's top_k was checked against resolvable_top_k; a block or a curvature without the gradient
+    # chain may resolve fewer (its dimension, its chains): clamped.
+    top_k = min(settings.top_k, krylov_top_k_limit(group.steps, run.alpha.shape[0], n))
+    ritz = union_ritz_pairs(run, top_k)
     gb = g if group.block is None else group.block.restrict(g)
     grad_norm = float(torch.linalg.vector_norm(gb))
     if grad_norm > 0:
@@ -470,6 +514,7 @@ def _result(
         weights=weights,
         top_eigenvalues=ritz.values,
         top_residuals=ritz.residuals,
+        top_converged=ritz.converged,
         overlap_k=overlap_k,
         overlap_ratio=overlap_ratio,
         cos2=cos2,

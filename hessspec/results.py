@@ -43,8 +43,11 @@ class CheckpointResult:
         elapsed_s: wall-clock seconds for the whole analysis of this checkpoint.
         nodes: float64 [p, m], quadrature nodes (Ritz values) of each probe.
         weights: float64 [p, m], quadrature weights; each row sums to 1.
-        top_eigenvalues: float64 [k], Ritz values of probe 0's Krylov space, descending.
+        top_eigenvalues: float64 [k], top Ritz values over the union of all chains' Krylov spaces, descending
+            (:func:`hessspec.linalg.ritz.union_ritz_pairs`; files written before it hold probe 0's).
         top_residuals: float64 [k], ``||H y - lambda y||`` of each Ritz pair (``y`` of unit norm).
+        top_converged: bool [k], whether each pair is converged (residual <= 1e-3 ||H||, see
+            :func:`hessspec.linalg.ritz.converged_pairs`), or None when unknown (files written before the flag).
         overlap_k: int64 [K], the ranks k at which the overlap is reported.
         overlap_ratio: float64 [K], ``||P_k g||^2 / ||g||^2`` with P_k the projector on the top-k Ritz vectors.
         cos2: float64 [k], ``(y_i^T g)^2 / ||g||^2`` for each top Ritz vector.
@@ -90,6 +93,7 @@ class CheckpointResult:
     settings: dict[str, Any] = field(default_factory=dict)
     curvature: str = WHOLE_HESSIAN[0]
     block: str = WHOLE_HESSIAN[1]
+    top_converged: np.ndarray | None = None
 
     @property
     def kind(self) -> tuple[str, str]:
@@ -108,8 +112,31 @@ class CheckpointResult:
         return spectrum.density(self.nodes, self.weights, sigma2=sigma2, grid=grid, num_points=num_points)
 
     def negative_mass(self, threshold: float = 0.0) -> float:
-        """Estimated fraction of eigenvalues below ``-threshold``; see :func:`spectrum.negative_mass`."""
+        """Estimated fraction of eigenvalues below ``-threshold``; see :func:`spectrum.negative_mass`.
+
+        At ``threshold=0`` this jumps with the sign of the heavy node of the cluster at 0; see
+        :meth:`clear_negative_mass` and :meth:`negative_mass_bounds`.
+        """
         return spectrum.negative_mass(self.nodes, self.weights, threshold=threshold)
+
+    def clear_negative_mass(self, tau: float = spectrum.NEGATIVE_MASS_TAU) -> float:
+        """Estimated fraction of eigenvalues below ``-tau * ||H||``; see :func:`spectrum.clear_negative_mass`."""
+        return spectrum.clear_negative_mass(self.nodes, self.weights, tau=tau)
+
+    def negative_mass_bounds(self, threshold: float = 0.0) -> tuple[float, float]:
+        """Bounds on the fraction of eigenvalues below ``-threshold``; see :func:`spectrum.negative_mass_bounds`."""
+        return spectrum.negative_mass_bounds(self.nodes, self.weights, threshold=threshold)
+
+    def converged_count(self) -> int | None:
+        """How many of the top pairs are converged, or None when unknown (files without ``top/converged``)."""
+        return None if self.top_converged is None else int(np.sum(self.top_converged))
+
+    def trusted_rank(self) -> int:
+        """The largest ``k`` such that the top ``k`` pairs are all converged (all ``k`` when unknown)."""
+        if self.top_converged is None:
+            return len(self.top_eigenvalues)
+        bad = np.nonzero(~np.asarray(self.top_converged, dtype=bool))[0]
+        return int(bad[0]) if len(bad) else len(self.top_converged)
 
     def overlap_at(self, k: int) -> float:
         """``||P_k g||^2 / ||g||^2`` at rank ``k`` (must be one of ``overlap_k``)."""
@@ -120,5 +147,9 @@ class CheckpointResult:
         return float(self.overlap_ratio[hits[0]])
 
     def num_outliers(self) -> int:
-        """Number of top eigenvalues above the bulk edge; see :func:`hessspec.linalg.spectrum.count_outliers`."""
-        return spectrum.count_outliers(self.top_eigenvalues, self.nodes, self.weights, self.n_params)
+        """Number of converged top eigenvalues above the bulk edge (all top eigenvalues when the flags are unknown);
+        see :func:`hessspec.linalg.spectrum.count_outliers`."""
+        top = np.asarray(self.top_eigenvalues)
+        if self.top_converged is not None:
+            top = top[np.asarray(self.top_converged, dtype=bool)]
+        return spectrum.count_outliers(top, self.nodes, self.weights, self.n_params)

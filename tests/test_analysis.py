@@ -65,6 +65,41 @@ def test_overlap_matches_exact(digits_problem):
         )
 
 
+def test_short_run_flags_unconverged_pairs_and_keeps_them_out_of_r_k(digits_problem):
+    """A short run (--lanczos-steps 10 --top-k 10): the pairs are flagged by their true residuals, the converged
+    ones are the exact eigenvalues of their rank, and r_k over the converged leading pairs is exact.
+
+    Measured here over the union of the 11 chains against probe 0's Krylov space alone (the top pairs before):
+    converged top pairs 8/10 vs 1/10 at m = 10, 13/15 vs 5/15 at m = 15, 20/20 vs 8/20 at m = 20, 20/20 vs 11/20
+    at m = 30, 20/20 vs 14/20 at m = 45."""
+    _, op, H, evals, evecs, g, _ = digits_problem
+    r = analyze(op, AnalysisSettings(lanczos_steps=10, probes=10, top_k=10, seed=0))
+    assert r.top_converged.dtype == bool and r.top_converged.shape == (10,)
+    exact = evals[:10].numpy()
+    norm = float(evals.abs().max())
+    np.testing.assert_array_equal(r.top_converged, r.top_residuals <= 1e-3 * np.abs(r.nodes).max())
+    done = r.top_converged
+    assert 6 <= done.sum() < 10 and done[0]
+    np.testing.assert_allclose(r.top_eigenvalues[done], exact[done], rtol=0, atol=1e-3 * norm)
+    nearest = np.abs(r.top_eigenvalues[:, None] - evals.numpy()[None, :]).min(axis=1)
+    assert np.all(nearest <= r.top_residuals * (1 + 1e-6))  # |lambda - theta| <= ||H y - theta y||
+    k = r.trusted_rank()
+    assert 1 <= k < 10 and done[:k].all() and not done[k]
+    exact_ratio = np.cumsum(((evecs[:, :k].T @ g) ** 2 / (g @ g)).numpy())
+    np.testing.assert_allclose(r.overlap_ratio[:k], exact_ratio, atol=1e-3)
+
+
+def test_top_k_the_krylov_spaces_cannot_resolve_is_refused():
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    op = HessianOperator(ref.tiny_mlp(False), [(x, y)])
+    settings = AnalysisSettings(lanczos_steps=20, probes=1, top_k=20, gradient_crosscheck=False)
+    with pytest.raises(ValueError, match=r"top_k must lie in 1\.\.10: 1 chain\(s\) of 20 Lanczos steps"):
+        analyze(op, settings)
+    assert analyze(
+        op, AnalysisSettings(lanczos_steps=20, probes=1, top_k=10, gradient_crosscheck=False)
+    ).top_converged.shape == (10,)
+
+
 def test_density_and_trace_match_exact(digits_problem):
     _, op, H, evals, *_, r = digits_problem
     width = float(evals[0] - evals[-1])

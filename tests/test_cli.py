@@ -170,10 +170,13 @@ def test_info_prints_settings_and_a_row_per_checkpoint(analysed, workdir):
     assert "label:       MLP" in text
     assert "lanczos_steps" in text and "digits" in text
     header = next(line for line in text.splitlines() if line.strip().startswith("step"))
-    for column in ("loss", "1", "2", "3", "trace", "r_1", "r_10", "outliers", "neg. mass", "seconds"):
+    for column in ("source", "loss", "1", "2", "3", "conv.", "trace", "r_1", "r_10", "outliers", "<-0.01", "seconds"):
         assert column in header
-    rows = [line.split() for line in text.splitlines()[text.splitlines().index(header) + 2 :] if line.strip()]
+    below = text.split(header, 1)[1].split("\n\n", 1)
+    rows = [line.split() for line in below[0].splitlines()[2:]]
     assert [int(row[0]) for row in rows] == [0, 40, 80]
+    assert [row[1] for row in rows] == ["ckpt_00000.pt", "ckpt_00040.pt", "ckpt_00080.pt"]  # the source file
+    assert "n.c.:" in below[1]  # the legend under the table
 
 
 def test_export_csv_and_json(analysed, workdir):

@@ -165,9 +165,13 @@ def test_cuda_asked_for_but_absent(runner, ckpts, tmp_path, monkeypatch):
     assert_one_error(result, "unknown device 'tpu'")
 
 
-def test_top_k_above_lanczos_steps(runner, ckpts, tmp_path):
+def test_top_k_the_krylov_spaces_cannot_resolve(runner, ckpts, tmp_path):
     settings = ["--data", "digits", "--lanczos-steps", "5", "--top-k", "6"]
     assert_one_error(analyze(runner, str(ckpts), "--out", str(tmp_path / "o.h5"), settings=settings), "--top-k")
+    settings = ["--data", "digits", "--lanczos-steps", "20", "--probes", "1", "--no-crosscheck", "--top-k", "20"]
+    result = analyze(runner, str(ckpts), "--out", str(tmp_path / "o.h5"), settings=settings)
+    assert_one_error(result, "--top-k 20 is more than 10", "1 chain(s) of 20 Lanczos steps span at most 20")
+    assert not (tmp_path / "o.h5").exists()
 
 
 # -- output files ----------------------------------------------------------------------------------------------

@@ -294,8 +294,9 @@ def test_evolution_draws_eigenvalues_overlap_trace_and_negative_mass(runs):
             np.testing.assert_array_equal(overlap[f"{run.label}: r{k}"].get_ydata(), [c.overlap_at(k) for c in cks])
         trace = lines_by_label(ax_trace)[f"{run.label}: trace"]
         np.testing.assert_array_equal(trace.get_ydata(), [c.trace for c in cks])
-        negative = lines_by_label(ax_negative)[f"{run.label}: negative mass"]
-        np.testing.assert_array_equal(negative.get_ydata(), [c.negative_mass() for c in cks])
+        negative = lines_by_label(ax_negative)[f"{run.label}: mass λ<-0.01‖H‖"]
+        np.testing.assert_array_equal(negative.get_ydata(), [c.clear_negative_mass(0.01) for c in cks])
+    assert ax_negative.get_ylabel() == r"mass of $\lambda < -0.01\,\|H\|$"
     # Runs differ by colour.
     eig = lines_by_label(ax_eig)
     assert eig[f"{runs[0].label}: λ1"].get_color() != eig[f"{runs[1].label}: λ1"].get_color()
@@ -538,6 +539,35 @@ def test_overlap_bars_are_cos2_and_line_is_r_k(runs):
         plots.plot_overlap(run, step=12345)
     with pytest.raises(ValueError, match="no checkpoints"):
         plots.plot_overlap(FakeRun("empty", ()))
+
+
+def test_unconverged_pairs_are_left_out_of_evolution_and_hatched_in_overlap(runs):
+    flags = np.array([True, True, False, True, True, True, True, True, True, True])
+    checkpoints = list(runs[0].checkpoints)
+    checkpoints[3] = replace(checkpoints[3], top_converged=flags)
+    run = FakeRun("partly converged", tuple(checkpoints))
+    ax_eig, ax_overlap = plots.plot_evolution([run], k_eigs=3, overlap_ranks=(1, 5)).axes[:2]
+    lam3 = lines_by_label(ax_eig)["partly converged: λ3"].get_ydata()
+    assert np.isnan(lam3[3]) and np.isfinite(np.delete(lam3, 3)).all()
+    assert np.isfinite(lines_by_label(ax_eig)["partly converged: λ2"].get_ydata()).all()
+    r5 = lines_by_label(ax_overlap)["partly converged: r5"].get_ydata()
+    assert np.isnan(r5[3]) and np.isfinite(lines_by_label(ax_overlap)["partly converged: r1"].get_ydata()).all()
+
+    ax, twin = plots.plot_overlap(run, step=checkpoints[3].step).axes
+    solid, hatched = ax.containers
+    np.testing.assert_array_equal([p.get_height() for p in solid], checkpoints[3].cos2[flags])
+    np.testing.assert_array_equal([p.get_height() for p in hatched], checkpoints[3].cos2[~flags])
+    assert all(p.get_hatch() for p in hatched)
+    (line,) = twin.get_lines()
+    np.testing.assert_array_equal(line.get_xdata(), [1, 2])  # r_k only while the top k are converged
+    assert "not converged (left)" in legend_texts(ax.get_legend())
+
+
+def test_trace_panel_says_n_a_for_one_probe(runs):
+    one = FakeRun("one probe", tuple(replace(c, trace_stderr=float("nan")) for c in runs[0].checkpoints))
+    ax_trace = plots.plot_evolution([one]).axes[2]
+    assert "n/a with one probe" in ax_trace.get_title("left")
+    assert "n/a" not in plots.plot_evolution(runs).axes[2].get_title("left")
 
 
 # --- style and files ------------------------------------------------------------------------------------------

@@ -68,7 +68,12 @@ def test_more_probes_extend_fewer():
     two = analyze(op, AnalysisSettings(20, 2, 5, seed=4))
     three = analyze(op, AnalysisSettings(20, 3, 5, seed=4))
     assert np.array_equal(two.nodes, three.nodes[:2]) and np.array_equal(two.weights, three.weights[:2])
-    assert np.array_equal(two.top_eigenvalues, three.top_eigenvalues)  # from probe 0's chain
+    # The top pairs come from the union of all chains' Krylov spaces: a third chain enlarges it, so each top Ritz
+    # value can only rise towards its eigenvalue (Cauchy interlacing), up to what the union drops as dependent
+    # directions (Gram eigenvalues below RANK_TOL = 1e-8 of the largest: Ritz values move by ~1e-8 ||H||; measured
+    # here: a fall of 3e-9 at ||H|| = 1.8, on a pair with residual 7e-5).
+    scale = np.abs(two.top_eigenvalues).max()
+    assert np.all(three.top_eigenvalues >= two.top_eigenvalues - 1e-8 * scale)
     assert np.array_equal(two.gradient_nodes, three.gradient_nodes)
 
 

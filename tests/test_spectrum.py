@@ -7,6 +7,7 @@ import pytest
 import scipy.stats
 import torch
 
+from hessspec.analysis import rademacher_probes
 from hessspec.linalg import spectrum
 from hessspec.linalg.lanczos import lanczos
 from tests import reference as ref
@@ -52,6 +53,49 @@ def test_negative_mass():
     weights = np.array([[0.2, 0.3, 0.5], [0.4, 0.4, 0.2]])
     assert spectrum.negative_mass(nodes, weights) == pytest.approx(0.3)
     assert spectrum.negative_mass(nodes, weights, threshold=0.7) == pytest.approx(0.1)
+    # Below -0.01 * ||H|| = -0.03: probe 0 has -1.0 (0.2), probe 1 has -0.5 (0.4).
+    assert spectrum.clear_negative_mass(nodes, weights) == pytest.approx(0.3)
+    # At 0: probe 0 has 0.2 below, nearest below -1.0 (0.2), nearest above 0.0 (0.3): [0, 0.5]; probe 1: [0, 0.8].
+    assert spectrum.negative_mass_bounds(nodes, weights) == pytest.approx((0.0, 0.65))
+
+
+def _cluster_at_zero(shift: float, n: int = 3000, seed: int = 0) -> np.ndarray:
+    """Eigenvalues of a network-like Hessian: 2/3 of them in a cluster of width 1e-4 at ``shift``, a negative
+    tail (13%), a positive bulk and 10 outliers up to 20."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate(
+        [
+            shift + 1e-4 * rng.uniform(0, 1, 2000),
+            -rng.uniform(0.05, 1.0, 400),
+            rng.uniform(0.05, 2.0, 590),
+            np.geomspace(20.0, 3.0, 10),
+        ]
+    )
+
+
+def test_clear_negative_mass_is_stable_where_the_mass_below_zero_flips():
+    """One quadrature node holds the cluster at 0 (~68% of the weight): moving the cluster from +0.002 to -0.002
+    moves that node across 0, and the mass below 0 jumps from ~0.12 to ~0.80. The mass below -0.01 ||H|| does not
+    move, and it and the Chebyshev-Markov-Stieltjes bounds contain the exact fractions of these diagonal
+    matrices (whose Rademacher spectral measures are exactly uniform over the eigenvalues)."""
+    probes = rademacher_probes(3000, 5, 0)
+    figures = {}
+    for shift in (0.002, -0.002):
+        eigenvalues = _cluster_at_zero(shift)
+        diagonal = torch.tensor(eigenvalues)
+        res = lanczos(lambda V, d=diagonal: d[:, None] * V, probes, 30)
+        q = spectrum.quadrature(res.alpha.numpy(), res.beta.numpy())
+        threshold = 0.01 * np.abs(eigenvalues).max()
+        below_zero, clearly_below = np.mean(eigenvalues < 0), np.mean(eigenvalues < -threshold)
+        lower, upper = spectrum.negative_mass_bounds(q.nodes, q.weights, threshold=threshold)
+        assert lower <= clearly_below <= upper
+        lower, upper = spectrum.negative_mass_bounds(q.nodes, q.weights)
+        assert lower - 1e-12 <= below_zero <= upper + 1e-12
+        figures[shift] = (spectrum.negative_mass(q.nodes, q.weights), spectrum.clear_negative_mass(q.nodes, q.weights))
+        assert spectrum.clear_negative_mass(q.nodes, q.weights) == pytest.approx(clearly_below, abs=0.02)
+    (old_up, new_up), (old_down, new_down) = figures[0.002], figures[-0.002]
+    assert abs(old_up - old_down) > 0.5  # the figure the issue saw flip
+    assert abs(new_up - new_down) < 1e-3
 
 
 @pytest.fixture(scope="module")

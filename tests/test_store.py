@@ -733,18 +733,22 @@ def test_summary_table(tmp_path):
     run = _summary_run(tmp_path)
     full, short = summary.summary_table(run)
     assert list(full) == [
-        "step", "curvature", "block", "loss", "grad_norm", "lambda_1", "lambda_2", "lambda_3", "lambda_4", "lambda_5",
-        "trace", "trace_stderr", "r_1", "r_5", "negative_mass", "num_outliers", "elapsed_s",
+        "step", "source", "curvature", "block", "loss", "grad_norm", "lambda_1", "lambda_2", "lambda_3", "lambda_4",
+        "lambda_5", "converged", "trace", "trace_stderr", "r_1", "r_5", "neg_mass_below_1pct_norm",
+        "neg_mass_0_lower", "neg_mass_0_upper", "num_outliers", "elapsed_s",
     ]  # fmt: skip
     assert "lambda_4" not in short and "lambda_3" in short and "r_1" in short and "r_5" not in short
     c = run.get(0)
     assert full["lambda_1"] == c.top_eigenvalues[0] == c.lambda_max
     assert full["r_5"] == c.overlap_at(5)
     assert full["trace"] == c.trace
-    assert full["negative_mass"] == c.negative_mass()
+    assert full["neg_mass_below_1pct_norm"] == c.negative_mass(0.01 * np.abs(c.nodes).max())
+    assert full["neg_mass_0_lower"] <= c.negative_mass() <= full["neg_mass_0_upper"]
     assert full["num_outliers"] == c.num_outliers()
     assert (full["curvature"], full["block"]) == ("hessian", "all")
-    assert all(type(v) in (int, float) for k, v in full.items() if k not in ("curvature", "block"))
+    assert full["converged"] is None  # written without the flags: unknown
+    assert full["source"] == c.source
+    assert all(type(v) in (int, float, str, type(None)) for v in full.values())
 
 
 def test_export_csv_and_json(tmp_path):
@@ -771,3 +775,47 @@ def test_export_csv_and_json(tmp_path):
     assert first["overlap_k"] == [1, 2, 5]
     np.testing.assert_array_equal(first["overlap_ratio"], run.get(0).overlap_ratio)
     assert first["sha256"] == run.get(0).sha256
+
+
+def test_converged_flags_round_trip_and_old_files_read_as_unknown(tmp_path):
+    path = tmp_path / "run.h5"
+    flags = np.array([True, True, False, True, False, False])
+    with ResultWriter(path, label="x", config=CONFIG) as writer:
+        writer.write(make_result(0, top_converged=flags))
+        writer.write(make_result(10))  # as written before the flag existed
+    with h5py.File(tmp_path / "run.h5.d" / "step_00000000.h5", "r") as f:
+        stored = f["results/0/top/converged"]
+        assert stored.dtype == np.uint8 and stored[()].tolist() == [1, 1, 0, 1, 0, 0]
+    with h5py.File(tmp_path / "run.h5.d" / "step_00000010.h5", "r") as f:
+        assert "top/converged" not in f["results/0"]
+    run = load_results(path)
+    assert run.get(0).top_converged.dtype == bool
+    np.testing.assert_array_equal(run.get(0).top_converged, flags)
+    assert run.get(10).top_converged is None
+    with pytest.raises(ValueError, match="top_converged"):
+        ResultWriter(tmp_path / "bad.h5", label="x", config=CONFIG).write(make_result(0, top_converged=flags[:3]))
+
+
+def test_summary_excludes_unconverged_pairs_and_says_n_a_for_one_probe(tmp_path):
+    path = tmp_path / "run.h5"
+    flags = np.array([True, True, False, True, True, True])
+    with ResultWriter(path, label="x", config=CONFIG) as writer:
+        writer.write(make_result(0, top_converged=flags, source="runs/ckpt_0.pt"))
+        one = make_result(10, probes=1)
+        writer.write(dataclasses.replace(one, trace_stderr=float("nan"), source="runs/ckpt_10.safetensors"))
+    run = load_results(path)
+    first, second = summary.summary_table(run)
+    assert first["lambda_1"] == run.get(0).top_eigenvalues[0] and first["lambda_3"] is None
+    assert first["converged"] == 5
+    assert first["r_1"] == run.get(0).overlap_at(1) and first["r_5"] is None  # pair 3 of the top 5 unconverged
+    assert first["source"] == "runs/ckpt_0.pt" and second["source"] == "runs/ckpt_10.safetensors"
+    assert second["trace_stderr"] == "n/a" and first["trace_stderr"] == run.get(0).trace_stderr
+    summary.export_csv(run, tmp_path / "s.csv")
+    with open(tmp_path / "s.csv", newline="") as handle:
+        read = list(csv.DictReader(handle))
+    assert read[1]["trace_stderr"] == "n/a" and read[0]["lambda_3"] == "" and read[0]["source"] == "runs/ckpt_0.pt"
+    summary.export_json(run, tmp_path / "s.json")
+    document = json.loads((tmp_path / "s.json").read_text())
+    assert document["checkpoints"][1]["trace_stderr"] is None
+    assert document["checkpoints"][0]["top_converged"] == flags.tolist()
+    assert document["checkpoints"][1]["top_converged"] is None

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 
 import h5py
 import numpy as np
@@ -305,16 +306,18 @@ def test_info_and_export_show_curvature_and_block(tmp_path):
     lines = result.output.splitlines()
     assert "checkpoints: 2" in lines
     assert "curvatures:  hessian, ggn, residual" in lines and "blocks:      all, layer1, layer2" in lines
-    header = next(line for line in lines if line.split()[:3] == ["step", "curvature", "block"])
+    header = next(line for line in lines if line.split()[:4] == ["step", "source", "curvature", "block"])
     rows = lines[lines.index(header) + 2 :]
-    assert [row.split()[:3] for row in rows[:5]] == [["0", *kind] for kind in KINDS]
+    rows = rows[: rows.index("")]  # the legend follows the table
+    run = load_results(path)
+    source = os.path.basename(run.results[0].source) or "-"
+    assert [row.split()[:4] for row in rows[:5]] == [["0", source, *kind] for kind in KINDS]
     assert len(rows) == 10
 
     out = runner.invoke(cli, ["export", str(path), "--format", "csv"])
     assert out.exit_code == 0, out.output
     table = list(csv.DictReader(io.StringIO(out.output)))
-    assert list(table[0])[:4] == ["step", "curvature", "block", "loss"]
-    run = load_results(path)
+    assert list(table[0])[:5] == ["step", "source", "curvature", "block", "loss"]
     for row, r in zip(table, run.results, strict=True):
         assert (int(row["step"]), row["curvature"], row["block"]) == (r.step, *r.kind)
         assert float(row["lambda_1"]) == r.top_eigenvalues[0]

@@ -158,9 +158,13 @@ class _Reporter:
     def summary(self, result) -> str:
         ranks = [int(k) for k in result.overlap_k]
         rank = 10 if 10 in ranks else (max(ranks) if ranks else None)
-        overlap = f"  r_{rank} {fmt_number(result.overlap_at(rank), 3)}" if rank is not None else ""
+        trusted = result.trusted_rank()  # r_k and λ1 only from converged pairs
+        overlap = ""
+        if rank is not None:
+            overlap = f"  r_{rank} {fmt_number(result.overlap_at(rank), 3) if rank <= trusted else 'n.c.'}"
+        lambda_1 = fmt_number(result.lambda_max) if trusted >= 1 else "n.c."
         return (
-            f"step {result.step:>8}  loss {fmt_number(result.loss)}  {self.lam}1 {fmt_number(result.lambda_max)}  "
+            f"step {result.step:>8}  loss {fmt_number(result.loss)}  {self.lam}1 {lambda_1}  "
             f"trace {fmt_number(result.trace)}{overlap}  {result.elapsed_s:.1f} s"
             + ("" if result.curvature == "hessian" else f"  [{result.curvature}]")
         )
@@ -352,9 +356,6 @@ def analyze(
     if loss_factory is not None and ":" not in loss_factory:
         msg = f"expected MODULE:FUNCTION, got {loss_factory!r}"
         raise click.BadParameter(msg, param_hint="--loss-factory")
-    if top_k > lanczos_steps:
-        msg = f"--top-k {top_k} exceeds --lanczos-steps {lanczos_steps}: Lanczos finds at most that many eigenpairs"
-        raise click.BadParameter(msg, param_hint="--top-k")
     job = AnalysisJob(
         model=model_spec,
         data=data_spec,
@@ -383,6 +384,12 @@ def analyze(
         ),
         label=label,
     )
+    from hessspec.analysis import resolvable_top_k, top_k_limit_reason
+
+    if top_k > resolvable_top_k(job.settings):
+        limit = resolvable_top_k(job.settings)
+        msg = f"--top-k {top_k} is more than {limit}: {top_k_limit_reason(job.settings)}"
+        raise click.BadParameter(msg, param_hint="--top-k")
     import functools
 
     from hessspec.runner import distributed, shards

@@ -14,21 +14,8 @@ import numpy as np
 import torch
 
 from hessspec.linalg.lanczos import LanczosResult
+from hessspec.linalg.ritz import RitzPairs, converged_pairs
 from hessspec.linalg.spectrum import tridiagonal_eigh
-
-
-class RitzPairs(NamedTuple):
-    """Top Ritz pairs of one Lanczos chain, in descending order of the Ritz value.
-
-    Attributes:
-        values: float64 [k] Ritz values (descending).
-        residuals: float64 [k] residual norms ``||H y - theta y||`` (``||y|| = 1``).
-        vectors: float64 [n, k] orthonormal Ritz vectors, or None when the chain's basis was not kept.
-    """
-
-    values: np.ndarray
-    residuals: np.ndarray
-    vectors: torch.Tensor | None
 
 
 class GradientOverlap(NamedTuple):
@@ -46,7 +33,7 @@ class GradientOverlap(NamedTuple):
 
 
 def ritz_pairs(result: LanczosResult, k: int, chain: int = 0) -> RitzPairs:
-    """Top-``k`` Ritz pairs of one chain of a Lanczos run.
+    """Top-``k`` Ritz pairs of one chain of a Lanczos run (:func:`hessspec.linalg.ritz.union_ritz_pairs` uses all).
 
     Args:
         result: output of :func:`hessspec.linalg.lanczos.lanczos` (with ``keep_basis=True`` for vectors).
@@ -54,7 +41,8 @@ def ritz_pairs(result: LanczosResult, k: int, chain: int = 0) -> RitzPairs:
         chain: which chain (probe) to use.
 
     Returns:
-        :class:`RitzPairs`.
+        :class:`hessspec.linalg.ritz.RitzPairs`, with the converged flags of
+        :func:`hessspec.linalg.ritz.converged_pairs` (``||A||`` estimated by this chain's largest ``|theta|``).
     """
     m = result.alpha.shape[1]
     if not 1 <= k <= m:
@@ -72,7 +60,7 @@ def ritz_pairs(result: LanczosResult, k: int, chain: int = 0) -> RitzPairs:
         Q = result.basis[chain]  # [m, n]
         Sk = torch.as_tensor(np.ascontiguousarray(S[:, order]), dtype=torch.float64, device=Q.device)
         vectors = (Q.to(torch.float64).T @ Sk) if Q.dtype != torch.float64 else Q.T @ Sk
-    return RitzPairs(values, residuals, vectors)
+    return RitzPairs(values, residuals, vectors, converged_pairs(residuals, float(np.max(np.abs(theta)))))
 
 
 def default_overlap_ranks(k: int) -> list[int]:

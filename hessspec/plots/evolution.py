@@ -111,11 +111,14 @@ def _series(label: str, color: str, checkpoints: Sequence[CheckpointResult], k_e
     eigs = np.full((n, k_eigs), np.nan)
     overlaps = np.full((n, len(ranks)), np.nan)
     for i, c in enumerate(checkpoints):
-        top = np.asarray(c.top_eigenvalues, dtype=np.float64)[:k_eigs]
+        # Unconverged pairs, and overlaps over them, leave gaps (CheckpointResult.top_converged).
+        top = np.asarray(c.top_eigenvalues, dtype=np.float64)[:k_eigs].copy()
+        if c.top_converged is not None:
+            top[~np.asarray(c.top_converged, dtype=bool)[:k_eigs]] = np.nan
         eigs[i, : len(top)] = top
         for j, k in enumerate(ranks):
             hits = np.nonzero(np.asarray(c.overlap_k) == k)[0]
-            if len(hits):
+            if len(hits) and k <= c.trusted_rank():
                 overlaps[i, j] = c.overlap_ratio[hits[0]]
     return _Series(
         label=label,
@@ -125,8 +128,12 @@ def _series(label: str, color: str, checkpoints: Sequence[CheckpointResult], k_e
         overlaps=overlaps,
         trace=np.array([c.trace for c in checkpoints], dtype=np.float64),
         trace_stderr=np.array([c.trace_stderr for c in checkpoints], dtype=np.float64),
-        negative_mass=np.array([c.negative_mass() for c in checkpoints], dtype=np.float64),
+        negative_mass=np.array([c.clear_negative_mass(_NEGATIVE_TAU) for c in checkpoints], dtype=np.float64),
     )
+
+
+_NEGATIVE_TAU = 0.01  # panel (d): the mass below -0.01 ||H||, stable where the mass below 0 is not
+_NEGATIVE_LABEL = r"mass of $\lambda < -0.01\,\|H\|$"
 
 
 def default_overlap_ranks(runs: Sequence[RunLike]) -> list[int]:
@@ -185,8 +192,11 @@ def plot_evolution(
 
     (a) the top ``k_eigs`` eigenvalues (λ1 bold, the others thin and light), (b) the gradient overlap
     ``r_k = ||P_k g||^2 / ||g||^2`` at the given ranks, (c) the Hutchinson trace with a ±1 standard-error band
-    (on a log axis a band reaching below zero is cut at the bottom of the axis), (d) the negative-eigenvalue mass
-    (quadrature mass below 0). The step axis is logarithmic when the steps span decades (symlog, linear below the
+    (on a log axis a band reaching below zero is cut at the bottom of the axis; none where the standard error is n/a,
+    with one probe), (d) the estimated fraction of eigenvalues below ``-0.01 ||H||``
+    (:meth:`~hessspec.results.CheckpointResult.clear_negative_mass`; the mass below 0 itself jumps with the sign of
+    the heavy node at 0). Eigenvalues and overlaps over pairs that are not converged are left out (gaps). The step
+    axis is logarithmic when the steps span decades (symlog, linear below the
     first positive step, when step 0 is present), labelled at analysed steps; linear otherwise.
 
     Args:
@@ -202,7 +212,7 @@ def plot_evolution(
         The figure, axes in the order (a), (b), (c), (d). One series per (run, curvature, block), in that order;
         it is labelled with the run's label when there is one curvature and one block, else with what tells them
         apart. In (a) each series has lines ``"<series>: λ1"``..., in (b) one line per rank ``"<series>: r<k>"``,
-        in (c) ``"<series>: trace"``, in (d) ``"<series>: negative mass"``.
+        in (c) ``"<series>: trace"``, in (d) ``"<series>: mass λ<-0.01‖H‖"``.
 
     Raises:
         ValueError: no runs, a run without results (of a requested curvature and block), ``k_eigs < 1``, no ranks,
@@ -225,9 +235,9 @@ def plot_evolution(
     # The largest rank (the subspace the gradient ends up in) gets the solid line, smaller ranks lighter styles.
     by_size = sorted(range(len(ranks)), key=lambda j: -ranks[j])
     rank_styles = [_RANK_STYLES[by_size.index(j) % len(_RANK_STYLES)] for j in range(len(ranks))]
-    for j, k in enumerate(ranks):
-        if all(np.all(np.isnan(s.overlaps[:, j])) for s in series):
-            available = sorted({int(k) for run in runs for c in run.checkpoints for k in c.overlap_k})
+    available = sorted({int(k) for run in runs for c in run.checkpoints for k in c.overlap_k})
+    for k in ranks:
+        if k not in available:
             msg = f"no checkpoint holds the overlap at rank k={k}; available ranks: {available}"
             raise ValueError(msg)
 
@@ -253,7 +263,7 @@ def plot_evolution(
                 marker=rank_marker if marker else None, markersize=3.5, label=f"{s.label}: r{k}",
             )  # fmt: skip
         ax_negative.plot(
-            s.steps, s.negative_mass, color=s.color, marker=marker, markersize=3.5, label=f"{s.label}: negative mass"
+            s.steps, s.negative_mass, color=s.color, marker=marker, markersize=3.5, label=f"{s.label}: mass λ<-0.01‖H‖"
         )
     _draw_trace(ax_trace, series, marker_for)
 
@@ -276,10 +286,11 @@ def plot_evolution(
         for k, (style, m) in zip(ranks, rank_styles, strict=True)
     ]
     ax_overlap.legend(handles=rank_handles, loc="best")
-    ax_trace.set_title("(c) trace (± 1 s.e.)")
+    one_probe = any(np.any(np.isnan(s.trace_stderr)) for s in series)
+    ax_trace.set_title("(c) trace (± 1 s.e.; n/a with one probe)" if one_probe else "(c) trace (± 1 s.e.)")
     ax_trace.set_ylabel(r"$\mathrm{tr}(H)$" if list(curvatures) == [WHOLE_HESSIAN[0]] else "trace")
     ax_negative.set_title("(d) negative eigenvalues")
-    ax_negative.set_ylabel(r"mass of $\lambda < 0$")
+    ax_negative.set_ylabel(_NEGATIVE_LABEL)
     for ax in (ax_trace, ax_negative):
         ax.set_xlabel("training step")
     for ax in (ax_eig, ax_overlap, ax_trace, ax_negative):

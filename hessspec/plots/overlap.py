@@ -15,7 +15,8 @@ def plot_overlap(run: RunLike, step: int | None = None) -> Figure:
 
     Bars: ``cos^2`` of the angle between the gradient and each top Ritz vector (its share of ``||g||^2``), against
     the eigenvector index (descending eigenvalue), on the left axis. Line: the cumulative overlap ``r_k`` at the
-    stored ranks, on the right axis (0 to 1).
+    stored ranks, on the right axis (0 to 1). Pairs that are not converged are drawn as hatched outlines, and
+    ``r_k`` only where the top ``k`` pairs are all converged.
 
     Args:
         run: the results of one run.
@@ -31,11 +32,21 @@ def plot_overlap(run: RunLike, step: int | None = None) -> Figure:
     checkpoint = checkpoints[-1] if step is None else checkpoint_at(run, checkpoints, int(step))
     cos2 = np.asarray(checkpoint.cos2, dtype=np.float64)
     index = np.arange(1, len(cos2) + 1)
+    converged = (
+        np.ones(len(cos2), dtype=bool) if checkpoint.top_converged is None else np.asarray(checkpoint.top_converged)
+    )
+    trusted = np.asarray(checkpoint.overlap_k) <= checkpoint.trusted_rank()
 
     fig = Figure(figsize=(5.6, 3.4), layout="constrained")
     ax = fig.add_subplot()
     bar_color, line_color = PALETTE[0], PALETTE[1]
-    ax.bar(index, cos2, width=0.7, color=bar_color, label=r"$\cos^2(g, v_i)$ per eigenvector (left)")
+    label = r"$\cos^2(g, v_i)$ per eigenvector (left)"
+    ax.bar(index[converged], cos2[converged], width=0.7, color=bar_color, label=label)
+    if not converged.all():
+        ax.bar(
+            index[~converged], cos2[~converged], width=0.7, color="none", edgecolor="0.6", hatch="///",
+            label="not converged (left)",
+        )  # fmt: skip
     ax.set_xlabel(r"eigenvector $i$ (by descending $\lambda_i$)")
     ax.set_ylabel(r"$\cos^2(g, v_i)$", color=bar_color)
     ax.tick_params(axis="y", colors=bar_color)
@@ -48,7 +59,7 @@ def plot_overlap(run: RunLike, step: int | None = None) -> Figure:
     twin = ax.twinx()
     twin.spines["right"].set_visible(True)
     twin.plot(
-        checkpoint.overlap_k, checkpoint.overlap_ratio, color=line_color, marker="o", markersize=4,
+        checkpoint.overlap_k[trusted], checkpoint.overlap_ratio[trusted], color=line_color, marker="o", markersize=4,
         label=r"cumulative $r_k$ (right)",
     )  # fmt: skip
     twin.set_ylim(0.0, 1.03)
@@ -58,7 +69,7 @@ def plot_overlap(run: RunLike, step: int | None = None) -> Figure:
     finish_axes(ax, grid=False)
     finish_axes(twin, grid=False)
     ax.legend(
-        handles=[*ax.containers[:1], *twin.get_lines()], loc="lower right", bbox_to_anchor=(1.0, 1.0),
+        handles=[*ax.containers[:2], *twin.get_lines()], loc="lower right", bbox_to_anchor=(1.0, 1.0),
         ncols=2, borderaxespad=0.2,
     )  # fmt: skip
     ax.set_title(f"{run.label}: step {checkpoint.step}, " + rf"$\lambda_1$ = {checkpoint.lambda_max:.3g}", pad=22)

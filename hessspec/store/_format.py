@@ -95,7 +95,9 @@ DATASETS: dict[str, tuple[str, type, int]] = {
 OPTIONAL_DATASETS: dict[str, tuple[str, type, int]] = {
     "gradient/nodes": ("gradient_nodes", np.float64, 1),
     "gradient/weights": ("gradient_weights", np.float64, 1),
+    "top/converged": ("top_converged", np.uint8, 1),  # 0/1 in the file, bool in CheckpointResult
 }
+BOOL_FIELDS = frozenset({"top_converged"})
 # Fields that may differ between two computations of the same result without the numbers differing.
 INCIDENTAL_FIELDS = frozenset({"source", "device", "elapsed_s", "timings", "settings"})
 
@@ -245,6 +247,8 @@ def read_group(group: h5py.Group, where: str, version: int) -> CheckpointResult:
         values[field] = np.asarray(group[member][()], dtype=dtype)
     for member, (field, dtype, _) in OPTIONAL_DATASETS.items():
         values[field] = np.asarray(group[member][()], dtype=dtype) if member in group else None
+        if field in BOOL_FIELDS and values[field] is not None:
+            values[field] = values[field].astype(bool)
     values["curvature"], values["block"] = read_kind(group, where, version)
     return CheckpointResult(**values)
 
@@ -273,6 +277,8 @@ def check_result(result: CheckpointResult) -> None:
         ("cos2", shapes["cos2"], "top_eigenvalues", shapes["top_eigenvalues"]),
         ("overlap_ratio", shapes["overlap_ratio"], "overlap_k", shapes["overlap_k"]),
     ]
+    if result.top_converged is not None:
+        checks.append(("top_converged", np.shape(result.top_converged), "top_eigenvalues", shapes["top_eigenvalues"]))
     if (result.gradient_nodes is None) != (result.gradient_weights is None):
         msg = "gradient_nodes and gradient_weights must both be given or both be None"
         raise ValueError(msg)
