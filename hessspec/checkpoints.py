@@ -88,14 +88,59 @@ def _first_line(error: BaseException) -> str:
 
 
 def _forbidden_global(message: str) -> str | None:
-    # torch's message: "... WeightsUnpickler error: Unsupported global: GLOBAL __main__.Foo was not an allowed
-    # global by default ..."
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    # torch's messages: "... WeightsUnpickler error: Unsupported global: GLOBAL __main__.Foo was not an allowed
+    # global by default ...", and for blocked modules "Trying to load unsupported GLOBAL posix.system whose module
+    # posix is blocked".
+    match = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", message, flags=re.IGNORECASE)
     if match:
         return match.group(1)
-    if "not an allowed global" in message or "Unsupported global" in message:
+    if "not an allowed global" in message or "unsupported global" in message.lower():
         return ""
     return None
+
+
+def _safe_globals() -> list[Any]:
+    """Types that training scripts put into checkpoints and that rebuild without running code.
+
+    NumPy scalars, arrays and dtypes (``np.float64(0.1)`` learning rates, metric arrays), ``argparse.Namespace``
+    (the run's arguments), ``pathlib`` paths and ``datetime`` values. Each rebuilds from plain data: a constructor or
+    ``numpy``'s array reconstruction called with bytes, numbers and strings, the object's state set as a dict; the
+    contents go through the same restricted unpickler. NumPy 1 wrote ``numpy.core.multiarray.*``, NumPy 2 writes
+    ``numpy._core.multiarray.*``: both names are allowed. Anything else (``os.system``, ``subprocess``, classes
+    with custom reductions) stays refused by ``weights_only=True``.
+    """
+    import argparse
+    import datetime
+    import pathlib
+
+    import numpy as np
+
+    allowed: list[Any] = [
+        argparse.Namespace,
+        pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.PosixPath, pathlib.WindowsPath,
+        datetime.datetime, datetime.date, datetime.time, datetime.timedelta, datetime.timezone,
+        np.ndarray, np.dtype,
+    ]  # fmt: skip
+    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # noqa: NPY201 (numpy 1)
+    for name in ("scalar", "_reconstruct"):
+        function = getattr(core, name)
+        allowed += [(function, f"numpy.core.multiarray.{name}"), (function, f"numpy._core.multiarray.{name}")]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")]
+    return allowed
+
+
+_TORCH_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL_2 = b"\x80"
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    # torch.save writes a zip archive; the legacy format (_use_new_zipfile_serialization=False) a pickle of
+    # protocol 2 or higher, which starts with the PROTO opcode.
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head.startswith(_TORCH_ZIP_MAGIC) or head.startswith(_PICKLE_PROTOCOL_2)
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -106,23 +151,40 @@ def _looks_like_safetensors(path: Path) -> bool:
 
 def _torch_load(path: Path, unsafe: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe)
+        if unsafe:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         offending = _forbidden_global(str(error))
         if offending is not None and not unsafe:
             what = f"the global {offending!r}" if offending else "a global"
             msg = (
-                f"checkpoint {str(path)!r} refers to {what}, which torch.load(weights_only=True) refuses because "
-                f"unpickling it may run arbitrary code; if you trust this file, load it with {UNSAFE_OPTION}"
+                f"checkpoint {str(path)!r} asks for {what}: loading it would execute code (refused; "
+                f"torch.load(weights_only=True)); if you trust this file, load it with {UNSAFE_OPTION}"
             )
             raise CheckpointError(msg) from error
+        if not _looks_like_torch_file(path):
+            raise CheckpointError(_not_a_checkpoint(path)) from error
         msg = f"checkpoint {str(path)!r} is not a readable PyTorch file (truncated or corrupt?): {_first_line(error)}"
         raise CheckpointError(msg) from error
     except Exception as error:
         # torch raises RuntimeError, EOFError, KeyError, ... for damaged files, and anything at all when unsafe.
+        if not _looks_like_torch_file(path):
+            raise CheckpointError(_not_a_checkpoint(path)) from error
         kind = "could not be unpickled" if unsafe else "is not a readable PyTorch file (truncated or corrupt?)"
         msg = f"checkpoint {str(path)!r} {kind}: {_first_line(error)}"
         raise CheckpointError(msg) from error
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    shown = head.decode("utf-8", "replace").split("\n")[0] if head else ""
+    return (
+        f"checkpoint {str(path)!r} is not a checkpoint file of any supported format (a torch.save zip or pickle, "
+        f"a Lightning .ckpt, safetensors); it starts with {shown!r}"
+    )
 
 
 def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -441,6 +503,10 @@ def _shown(keys: Sequence[str]) -> str:
     return text + (f" (and {len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else "")
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _prefix_hint(missing: Sequence[str], unexpected: Sequence[str]) -> str:
     # A checkpoint saved from a wrapper (e.g. a LightningModule with two children) keeps a prefix we do not
     # strip automatically; point at it.
@@ -490,11 +556,11 @@ def apply_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing from the checkpoint: {_shown(missing)}")
+            parts.append(f"{_count(len(missing), 'key')} missing from the checkpoint: {_shown(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected in the checkpoint: {_shown(unexpected)}")
+            parts.append(f"{_count(len(unexpected), 'key')} in the checkpoint not in the model: {_shown(unexpected)}")
         msg = (
-            f"checkpoint does not match the model ({type(model).__name__}): keys {'; '.join(parts)}"
+            f"checkpoint does not match the model ({type(model).__name__}): {'; '.join(parts)}"
             f"{_prefix_hint(missing, unexpected)}"
         )
         raise CheckpointError(msg)
