@@ -221,7 +221,10 @@ def test_to_scipy_agrees():
 def test_block_strategy_choice():
     model = _model("cnn", True)
     batches = ref.make_batches(*_data("cnn"), BATCH)
-    assert HessianOperator(model, batches).block_strategy == "reverse"  # CPU + convolutions
+    assert HessianOperator(model, batches).block_strategy == "reverse"  # CPU + convolutions + BN batch statistics
+    assert HessianOperator(model, batches, bn_mode="eval").block_strategy == "vmap"
+    assert HessianOperator(model, batches, bn_mode="population").block_strategy == "vmap"
+    assert HessianOperator(_model("cnn", False), batches).block_strategy == "vmap"
     assert HessianOperator(_model("mlp", True), ref.make_batches(*_data("mlp"), BATCH)).block_strategy == "vmap"
     with pytest.raises(ValueError, match="block_strategy"):
         HessianOperator(model, batches, block_strategy="fast")

@@ -366,3 +366,28 @@ def test_reproduce_paper_slurm_mode_matches_local(paper_run, tmp_path):
         local = _results(root / "results" / "cifar10" / f"{run}.h5")
         _assert_same_results(merged, local, atol=1e-9)
     assert (tmp_path / "results" / "evolution.png").exists()
+
+
+# ------------------------------------------------------------------------------------------ benchmarks/vs_peers.py
+
+
+@pytest.mark.slow
+def test_vs_peers_benchmark_smoke_run():
+    # The peers come with the 'bench' extra (make bench); without them only hessspec's part runs, and the test says
+    # so in its output instead of passing silently.
+    peers = [p for p in ("pyhessian", "curvlinops") if importlib.util.find_spec(p) is not None]
+    tools = ",".join(["hessspec", *peers])
+    if len(peers) < 2:
+        print(f"vs_peers smoke run without {sorted({'pyhessian', 'curvlinops'} - set(peers))}: not importable")
+    command = [sys.executable, "-W", "ignore", str(REPO / "benchmarks" / "vs_peers.py"), "--quick", "--tools", tools]
+    done = _run(command, _env(), REPO, timeout=600)
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| cnn ")]
+    names = {"hessspec", "hessspec (BN eval)", "hessspec (BN train)"}
+    for peer, name in (("pyhessian", "PyHessian"), ("curvlinops", "curvlinops")):
+        if peer in peers:
+            names |= {name, f"{name} (BN eval)"}
+    assert {row[2] for row in rows} == names, done.stdout
+    for row in rows:
+        assert row[1] == "2x2"
+        assert float(row[3]) > 0 and np.isfinite(float(row[6].rstrip(" |")))
+        assert row[5].endswith(("(whole SLQ)", "vmap)", "reverse)", "loop)"))

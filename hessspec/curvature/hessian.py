@@ -22,6 +22,7 @@ from hessspec.curvature.losses import Loss, MeanLoss, get_loss
 from hessspec.curvature.problem import (
     ATTENTION_KERNEL,
     Batch,
+    batch_norm_layers,
     batch_size,
     check_bn_mode,
     exact_attention,
@@ -117,10 +118,11 @@ class HessianOperator:
         block_strategy: how a block's columns are evaluated: "vmap" (one vectorised forward-over-reverse pass, the
             primal computed once for all columns), "loop" (one forward-over-reverse pass per column), "reverse"
             (plain autograd: the batch gradient's graph is built once, then one backward through it per column;
-            works for any twice-differentiable model and loss), or "auto": "reverse" on the CPU for models with
-            convolutions, where vmap turns the batched weight tangents into grouped convolutions, holds p copies of
-            every activation and measured 2.0-4.5x a gradient per column with BatchNorm across runs, against
-            2.2-3.0x for "reverse" (benchmarks/RESULTS.md), "vmap" otherwise. Before its first product "auto"
+            works for any twice-differentiable model and loss), or "auto": "reverse" on the CPU for
+            convolutional models with BatchNorm in "train" mode, where vmap carries p copies of every activation
+            through the batch-statistics derivatives and measured 2.0-4.5x a gradient per column, against 1.8-3.0x
+            for "reverse", "vmap" otherwise (without BN, or BN in "eval"/"population" mode: 0.5-1.5x against
+            1.4-1.9x for "reverse"; benchmarks/RESULTS.md). Before its first product "auto"
             checks torch.func on the first batch against "reverse" (the gradient and a two-column product) and
             switches to "reverse" when torch.func fails in any way (an ``autograd.Function`` without
             ``setup_context``, an op or a built-in loss without a forward-mode derivative, e.g. ``F.huber_loss``;
@@ -174,7 +176,8 @@ class HessianOperator:
         self._auto = block_strategy == "auto"
         if block_strategy == "auto":
             has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-            block_strategy = "reverse" if (self.device.type == "cpu" and has_conv) else "vmap"
+            batch_statistics = bn_mode == "train" and bool(batch_norm_layers(model))
+            block_strategy = "reverse" if (self.device.type == "cpu" and has_conv and batch_statistics) else "vmap"
         self.block_strategy = block_strategy
         self.strategy_fallback: str | None = None
         self._strategy_settled = False
