@@ -287,3 +287,13 @@ def test_state_dict_files_of_a_model_with_tied_weights(tmp_path, gpt2_dir):
         target = build_model(f"hf:{gpt2_dir}")
         apply_state_dict(target, load_checkpoint(tmp_path / file).state_dict)
         torch.testing.assert_close(target.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+
+
+def test_token_ids_and_lengths_are_checked_against_the_model(gpt2_dir):
+    model = build_model(f"hf:{gpt2_dir}")
+    hf_models.check_token_ids(model, largest_id=31, length=16)
+    with pytest.raises(ModelError, match=r"token id 32 but the model's vocabulary has 32 tokens \(ids 0..31\)"):
+        hf_models.check_token_ids(model, largest_id=32, length=4)
+    with pytest.raises(ModelError, match="sequences of 17 tokens but GPT2LMHeadModel has 16 positions; pass "
+                       "--data-arg seq_len=16 or less"):  # fmt: skip
+        hf_models.check_token_ids(model, largest_id=3, length=17)

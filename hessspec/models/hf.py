@@ -261,6 +261,35 @@ def attention_implementation(model: nn.Module) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def check_token_ids(model: nn.Module, largest_id: int, length: int) -> None:
+    """Check that token ids and sequence lengths fit a transformers model's embeddings, before the first product.
+
+    Args:
+        model: a transformers model.
+        largest_id: the largest token id in the data.
+        length: the longest sequence in the data (tokens).
+
+    Raises:
+        ModelError: an id beyond the vocabulary (data tokenised for another model?) or sequences longer than the
+            model's position embeddings (naming ``--data-arg seq_len``).
+    """
+    config = getattr(model, "config", None)
+    vocab_size = getattr(config, "vocab_size", None)
+    if isinstance(vocab_size, int) and largest_id >= vocab_size:
+        msg = (
+            f"the data holds token id {largest_id} but the model's vocabulary has {vocab_size} tokens (ids 0.."
+            f"{vocab_size - 1}); tokenise with this model's tokenizer"
+        )
+        raise ModelError(msg)
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and length > positions:
+        msg = (
+            f"the data holds sequences of {length} tokens but {type(model).__name__} has {positions} positions; "
+            f"pass --data-arg seq_len={positions} or less"
+        )
+        raise ModelError(msg)
+
+
 def check_arguments(directory: str, kwargs: dict[str, Any]) -> str:
     """Validate the ``--model-arg`` of ``hf:DIR`` and return the attention implementation to use.
 
