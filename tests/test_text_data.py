@@ -123,3 +123,11 @@ def test_token_errors_are_one_line(tmp_path):
     refused("pad.npy", np.ones((2, 3), dtype=np.int64), "pad_id must be an integer", pad_id="x")
     with pytest.raises(DatasetError, match="token file .* does not exist"):
         load_dataset(f"tokens:{tmp_path / 'none.npy'}")
+
+
+def test_a_subset_of_sequences_stays_one_tensor(tokenizer_dir, text_file):
+    full = load_dataset(f"text:{text_file}", tokenizer=str(tokenizer_dir), seq_len=16)
+    subset = load_dataset(f"text:{text_file}", tokenizer=str(tokenizer_dir), seq_len=16, samples=4, seed=1)
+    assert isinstance(subset, TokenSequences) and subset.input_ids.shape == (4, 16)
+    rows = [full.input_ids.tolist().index(row) for row in subset.input_ids.tolist()]
+    assert rows == sorted(rows) and len(set(rows)) == 4

@@ -476,6 +476,8 @@ def _subset(dataset: Dataset, samples: int | None, seed: int) -> Dataset:
     if samples is None:
         return dataset
     indices = subset_indices(len(dataset), samples, seed)  # type: ignore[arg-type]
+    if hasattr(dataset, "select"):  # text.TokenSequences: stays one pair of tensors
+        return dataset.select(indices)
     if isinstance(dataset, TensorDataset):
         return TensorDataset(*(tensor[indices] for tensor in dataset.tensors))
     return Subset(dataset, indices.tolist())

@@ -42,6 +42,10 @@ class TokenSequences(Dataset):
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def select(self, indices: torch.Tensor) -> TokenSequences:
+        """The sequences at ``indices`` (int64 [k]), in that order."""
+        return TokenSequences(self.input_ids[indices], self.attention_mask[indices])
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {
             "input_ids": self.input_ids[index],
