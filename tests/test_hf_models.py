@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ from hessspec.checkpoints import (
 from hessspec.data.datasets import DatasetError, load_dataset
 from hessspec.models import ModelError, UnknownModelError, build_model, default_loss
 from hessspec.models import hf as hf_models
-from tests.tiny_hf import save, tiny_bert, tiny_gpt2
+from tests.tiny_hf import char_tokenizer, save, tiny_bert, tiny_gpt2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -297,3 +298,28 @@ def test_token_ids_and_lengths_are_checked_against_the_model(gpt2_dir):
     with pytest.raises(ModelError, match="sequences of 17 tokens but GPT2LMHeadModel has 16 positions; pass "
                        "--data-arg seq_len=16 or less"):  # fmt: skip
         hf_models.check_token_ids(model, largest_id=3, length=17)
+
+
+def test_data_that_does_not_fit_the_model_is_one_line_through_the_cli(tmp_path, gpt2_dir):
+    from click.testing import CliRunner
+
+    from hessspec.cli import cli
+
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat. " * 8)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for file in gpt2_dir.iterdir():
+        (model_dir / file.name).write_bytes(file.read_bytes())
+    char_tokenizer(model_dir)
+    base = ["analyze", str(model_dir), "--step", "0", "--model", f"hf:{model_dir}", "--data",
+            f"text:{tmp_path / 'corpus.txt'}", "--out", str(tmp_path / "out.h5")]  # fmt: skip
+    result = CliRunner().invoke(cli, [*base, "--data-arg", "seq_len=20"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: the data holds sequences of 20 tokens but GPT2LMHeadModel has 16 positions; pass --data-arg "
+        "seq_len=16 or less"
+    ]
+    np.save(tmp_path / "ids.npy", np.full((3, 8), 40))
+    result = CliRunner().invoke(cli, [*base[:6], "--data", f"tokens:{tmp_path / 'ids.npy'}", *base[8:]])
+    assert result.exit_code == 1 and "token id 40 but the model's vocabulary has 32 tokens" in result.output
+    assert not (tmp_path / "out.h5").exists()

@@ -47,6 +47,7 @@ from hessspec.curvature.problem import (
     check_bn_mode,
     describe_batch,
     exact_attention,
+    is_mapping,
     move_batch,
     slice_batch,
 )
@@ -160,6 +161,16 @@ def _check_model_fits_data(model: nn.Module, batches: Sequence[Batch], job: Anal
         raise PipelineError(msg) from error
 
 
+def _check_token_ids(model: nn.Module, batches: Sequence[Batch]) -> None:
+    # An id beyond the vocabulary or a sequence beyond the position embeddings fails deep inside the model with an
+    # index error (or a device-side assert on a GPU); say which, and what to change.
+    from hessspec.models import hf
+
+    ids = [batch["input_ids"] for batch in batches if is_mapping(batch) and "input_ids" in batch.keys()]
+    if ids:
+        hf.check_token_ids(model, max(int(t.max()) for t in ids), max(int(t.shape[-1]) for t in ids))
+
+
 def _check_batch_sizes(model: nn.Module, batches: Sequence[Batch], job: AnalysisJob) -> None:
     if job.bn_mode != "train" or not batch_norm_layers(model):
         return
@@ -214,6 +225,8 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
     model = model.to(device)
     dataset = load_dataset(job.data, samples=job.samples, seed=job.settings.seed, **job.effective_data_args())
     batches = materialize(dataset, job.batch_size, device, dtype)
+    if job.model.strip().startswith("hf:"):
+        _check_token_ids(model, batches)
     loss = resolve_loss(job, model)
     _check_model_fits_data(model, batches, job, loss)
     total_examples, total_batches = sum(batch_size(batch) for batch in batches), len(batches)
