@@ -16,7 +16,7 @@ probes, its chains and its columns' products are the same.
 
 from __future__ import annotations
 
-import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -28,7 +28,9 @@ import torch
 from hessspec.curvature.blocks import WHOLE, Block, block_probes, check_block_specs, resolve_blocks, restart_seeds
 from hessspec.curvature.gauss_newton import check_curvature
 from hessspec.curvature.hessian import HessianOperator
+from hessspec.data.placement import available_bytes as _available_bytes
 from hessspec.linalg import spectrum
+from hessspec.linalg.basis import BasisChoice, BasisStorage, check_basis_placement, disk_free, resolve_basis_placement
 from hessspec.linalg.lanczos import (
     LanczosChains,
     LanczosResult,
@@ -56,7 +58,8 @@ class AnalysisSettings:
         top_k: number of top Ritz pairs, and the largest rank of the gradient overlap.
         seed: seed of the probe generator (a CPU ``torch.Generator``, so probes are the same on every device).
         basis_dtype: "float64" or "float32" storage of the Lanczos bases.
-        basis_device: where the bases live ("same" as the model, or "cpu").
+        basis_device: the older spelling of the basis placement: "same" (see ``basis_placement``) or "cpu" (host
+            memory, when ``basis_placement`` is "auto").
         gradient_crosscheck: also run a Lanczos chain from the gradient (in the same data passes), for the
             whole-model Hessian (the other curvatures and the blocks have no such chain: their overlap comes from
             their Ritz vectors alone).
@@ -69,6 +72,10 @@ class AnalysisSettings:
             probes, then the gradient chain), when the activations of all columns at once do not fit; the groups
             run one after another, ``ceil(chains / probes_per_pass)`` times the passes. None: all at once. It
             changes no stored number (bitwise under the "reverse" and "loop" strategies; rounding under "vmap").
+        basis_placement: where the bases live: "auto" (the device while they fit, else host memory, else a
+            scratch file), "device", "host" or "disk" (:mod:`hessspec.linalg.basis`). Changes no number.
+        scratch_dir: directory of the scratch files of "disk" (default: the system's temporary directory; the
+            command line uses the result file's directory).
     """
 
     lanczos_steps: int = DEFAULT_LANCZOS_STEPS
@@ -82,6 +89,8 @@ class AnalysisSettings:
     curvatures: tuple[str, ...] = ("hessian",)
     blocks: tuple[str, ...] = ()
     probes_per_pass: int | None = None
+    basis_placement: str = "auto"
+    scratch_dir: str | None = None
 
     def __post_init__(self) -> None:
         curvatures = (self.curvatures,) if isinstance(self.curvatures, str) else tuple(self.curvatures)
@@ -156,42 +165,23 @@ def rademacher_probes(n: int, p: int, seed: int) -> torch.Tensor:
     return block_probes(n, p, seed, WHOLE)
 
 
-def _available_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        # Memory cached by PyTorch's allocator but unused (e.g. a previous checkpoint's bases) is free to us.
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(free + cached)
-    if device.type == "cpu":
-        try:  # MemAvailable counts reclaimable page cache, unlike the free-page count
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        if hasattr(os, "sysconf"):
-            try:
-                return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-            except (ValueError, OSError):
-                return None
-    return None
-
-
-def check_memory(
+def plan_bases(
     n: int, settings: AnalysisSettings, chains: int, device: torch.device, *, block_sizes: Sequence[int] = ()
-) -> dict[str, int]:
-    """Estimate the Lanczos memory and refuse, with advice, when it cannot fit where it would live.
+) -> tuple[dict[str, int], BasisChoice]:
+    """Estimate the Lanczos memory and choose where the bases live (``settings.basis_placement``).
 
     Args:
         n: parameters of the whole model.
-        settings: the analysis settings (steps, basis dtype and device, the number of curvatures).
+        settings: the analysis settings (steps, basis dtype and placement, the number of curvatures).
         chains: chains of the whole-model Hessian (probes plus the gradient chain).
         device: where the products run.
         block_sizes: the dimensions of the blocks analysed besides the whole model.
 
+    Returns:
+        ``(estimate, choice)``: bytes of the bases and of the work arrays, and the basis placement.
+
     Raises:
-        MemoryError: the bases do not fit in the free memory of their device.
+        MemoryError: with advice, when the bases fit nowhere (or not where they were asked to be).
     """
     dtype = torch.float64 if settings.basis_dtype == "float64" else torch.float32
     m, p = settings.lanczos_steps, settings.probes
@@ -203,21 +193,39 @@ def check_memory(
     est["basis"] = int(elements) * itemsize
     per_pass = settings.probes_per_pass or chains
     columns = min(chains, per_pass) + ((curvatures - 1) + curvatures * len(block_sizes)) * min(p, per_pass)
-    est["work"] = 6 * int(n) * columns * 8
-    basis_dev = device if settings.basis_device == "same" else torch.device(settings.basis_device)
-    free = _available_bytes(basis_dev)
-    need = est["basis"] + (est["work"] if basis_dev == device else 0)
-    if free is not None and need > 0.9 * free:
-        what = f"{n} parameters x {m} steps x {chains} chains"
-        if curvatures > 1 or block_sizes:
-            what += f", {curvatures} curvature(s), {len(block_sizes)} block(s)"
-        msg = (
-            f"the Lanczos bases need {need / 2**30:.2f} GiB ({what} x {itemsize} bytes) but {basis_dev} has "
-            f"{free / 2**30:.2f} GiB free; use a float32 basis, keep it on the host (cpu), or fewer "
-            "probes/steps/curvatures/blocks"
-        )
-        raise MemoryError(msg)
-    return est
+    est["work"] = 6 * int(n) * columns * 8 + est["work"] - 6 * int(n) * chains * 8
+    device_free = _available_bytes(device)
+    if device_free is not None:
+        device_free = max(0, device_free - est["work"])
+    host_free = device_free if device.type == "cpu" else _available_bytes(torch.device("cpu"))
+    choice = resolve_basis_placement(
+        _requested_basis_placement(settings),
+        est["basis"],
+        device,
+        device_free=device_free,
+        host_free=host_free,
+        disk_free_bytes=disk_free(settings.scratch_dir or tempfile.gettempdir()),
+    )
+    return est, choice
+
+
+def check_memory(
+    n: int, settings: AnalysisSettings, chains: int, device: torch.device, *, block_sizes: Sequence[int] = ()
+) -> dict[str, int]:
+    """Estimate the Lanczos memory and refuse, with advice, when the bases cannot fit anywhere (see
+    :func:`plan_bases`).
+
+    Raises:
+        MemoryError: the bases fit nowhere, or not where ``settings.basis_placement`` puts them.
+    """
+    return plan_bases(n, settings, chains, device, block_sizes=block_sizes)[0]
+
+
+def _requested_basis_placement(settings: AnalysisSettings) -> str:
+    # basis_device="cpu" is the older spelling of basis_placement="host".
+    if settings.basis_placement == "auto" and settings.basis_device == "cpu":
+        return "host"
+    return settings.basis_placement
 
 
 @dataclass
@@ -258,6 +266,7 @@ def _check_settings(settings: AnalysisSettings, n: int) -> None:
     if settings.basis_dtype not in ("float64", "float32"):
         msg = f"basis_dtype must be float64 or float32; got {settings.basis_dtype!r}"
         raise ValueError(msg)
+    check_basis_placement(settings.basis_placement)
     per_pass = settings.probes_per_pass
     if per_pass is not None and (isinstance(per_pass, bool) or not isinstance(per_pass, int) or per_pass < 1):
         msg = f"probes_per_pass must be a positive integer or None; got {per_pass!r}"
@@ -346,7 +355,7 @@ def analyze_many(
         raise ValueError(msg)
     blocks = operator_blocks(operator, settings)
     chains = settings.probes + int(settings.gradient_crosscheck)
-    check_memory(n, settings, chains, operator.device, block_sizes=[b.n for b in blocks])
+    _, basis_choice = plan_bases(n, settings, chains, operator.device, block_sizes=[b.n for b in blocks])
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -358,55 +367,62 @@ def analyze_many(
         operator.remember_gradient(g)
     grad_norm = float(torch.linalg.vector_norm(g))
 
-    groups = _plan(operator, settings, blocks, g, grad_norm)
-    hvp_time = [0.0]
+    # The bases live in storage (device, host memory or a scratch file, removed on leaving, even on an error).
+    with BasisStorage(basis_choice.placement, operator.device, settings.scratch_dir) as storage:
+        groups = _plan(operator, settings, blocks, g, grad_norm, storage)
+        hvp_time = [0.0]
 
-    rounds = max(len(group.parts) for group in groups)
-    passes = settings.lanczos_steps * rounds
+        rounds = max(len(group.parts) for group in groups)
+        passes = settings.lanczos_steps * rounds
 
-    t0 = time.perf_counter()
-    parts: list[list[LanczosResult]] = [[] for _ in groups]
-    for k in range(rounds):
-        # Round k advances the k-th part of every (curvature, block) in lockstep: one data pass per step.
-        active = [i for i, group in enumerate(groups) if k < len(group.parts)]
+        t0 = time.perf_counter()
+        parts: list[list[LanczosResult]] = [[] for _ in groups]
+        for k in range(rounds):
+            # Round k advances the k-th part of every (curvature, block) in lockstep: one data pass per step.
+            active = [i for i, group in enumerate(groups) if k < len(group.parts)]
 
-        def callback(j: int, done: int = k * settings.lanczos_steps) -> None:
-            if progress is not None:
-                progress(done + j + 1, passes)
+            def callback(j: int, done: int = k * settings.lanczos_steps) -> None:
+                if progress is not None:
+                    progress(done + j + 1, passes)
 
-        matmat = _group_matmat(operator, [groups[i] for i in active], hvp_time)
-        runs = lanczos_lockstep([groups[i].parts[k] for i in active], matmat, callback=callback)
-        for i, run in zip(active, runs, strict=True):
-            parts[i].append(run)
-    runs = [merge_results(p, group.basis) for p, group in zip(parts, groups, strict=True)]
-    timings["lanczos"] = time.perf_counter() - t0
-    timings["hvp"] = hvp_time[0]
+            matmat = _group_matmat(operator, [groups[i] for i in active], hvp_time)
+            runs = lanczos_lockstep([groups[i].parts[k] for i in active], matmat, callback=callback)
+            for i, run in zip(active, runs, strict=True):
+                parts[i].append(run)
+        runs = [merge_results(p, group.basis) for p, group in zip(parts, groups, strict=True)]
+        timings["lanczos"] = time.perf_counter() - t0
+        timings["hvp"] = hvp_time[0]
 
-    meta = {
-        "loss": float(loss),
-        "n_samples": operator.num_examples,
-        "bn_mode": operator.bn_mode,
-        "dtype": str(operator.dtype).removeprefix("torch."),
-        "device": str(operator.device),
-        "seed": settings.seed,
-        "probes": settings.probes,
-        "source": source,
-        "sha256": sha256,
-        "model": model_name,
-        "timings": timings,
-        "settings": _recorded_settings(settings, operator),
-    }
-    results = [_result(group, run, g, int(step), settings, meta) for group, run in zip(groups, runs, strict=True)]
+        meta = {
+            "loss": float(loss),
+            "n_samples": operator.num_examples,
+            "bn_mode": operator.bn_mode,
+            "dtype": str(operator.dtype).removeprefix("torch."),
+            "device": str(operator.device),
+            "seed": settings.seed,
+            "probes": settings.probes,
+            "source": source,
+            "sha256": sha256,
+            "model": model_name,
+            "timings": timings,
+            "settings": {**_recorded_settings(settings, operator), "basis_placement": basis_choice.placement},
+        }
+        results = [_result(group, run, g, int(step), settings, meta) for group, run in zip(groups, runs, strict=True)]
     elapsed = time.perf_counter() - start
     return tuple(replace(r, elapsed_s=elapsed) for r in results)
 
 
 def _plan(
-    operator: HessianOperator, settings: AnalysisSettings, blocks: list[Block], g: torch.Tensor, grad_norm: float
+    operator: HessianOperator,
+    settings: AnalysisSettings,
+    blocks: list[Block],
+    g: torch.Tensor,
+    grad_norm: float,
+    storage: BasisStorage,
 ) -> list[_Group]:
     n, device = operator.n, operator.device
     dtype = torch.float64 if settings.basis_dtype == "float64" else torch.float32
-    where = device if settings.basis_device == "same" else torch.device(settings.basis_device)
+    where = storage
     probes = rademacher_probes(n, settings.probes, settings.seed).to(device)
     groups = []
     for curvature in settings.curvatures:
@@ -430,10 +446,10 @@ def _group(
     seeds: list[int],
     settings: AnalysisSettings,
     dtype: torch.dtype,
-    where: torch.device,
+    where: BasisStorage,
 ) -> _Group:
     n, p = V0.shape
-    basis = torch.empty((p, steps, n), dtype=dtype, device=where)
+    basis = where.empty((p, steps, n), dtype)
     parts = [
         LanczosChains(
             V0[:, r.start : r.stop],

@@ -58,3 +58,15 @@ def tune_cpu_allocator() -> bool:
 def allocator_tuned() -> bool:
     """Whether :func:`tune_cpu_allocator` has taken effect in this process."""
     return _applied
+
+
+def set_tf32(enabled: bool) -> None:
+    """Allow (or forbid) TensorFloat-32 in CUDA matrix products and cuDNN convolutions, process-wide.
+
+    TF32 rounds the inputs of float32 products to 10-bit mantissas on Ampere and later GPUs; it has no effect on
+    the CPU. ``hessspec analyze --tf32`` calls it.
+    """
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)

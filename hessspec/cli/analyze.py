@@ -151,9 +151,12 @@ class _Reporter:
         self.say(
             f"analysing {todo} of {len(plan)} checkpoint(s){stored}: {prepared.job.model} "
             f"({prepared.num_params:,} parameters) on {prepared.job.data} ({prepared.total_examples:,} examples in "
-            f"{batches} batch{'es' if batches != 1 else ''}{ranks}), {prepared.device}, {prepared.job.dtype}",
+            f"{batches} batch{'es' if batches != 1 else ''}{ranks}), {prepared.device}, {prepared.job.dtype}"
+            + (f"; data: {prepared.batches.describe()} ({prepared.placement.reason})" if prepared.placement else ""),
             err=True,
         )
+        if prepared.plan is not None:
+            self.say(prepared.plan.line(), err=True)
 
     def summary(self, result) -> str:
         ranks = [int(k) for k in result.overlap_k]
@@ -261,7 +264,7 @@ class _Reporter:
 )  # fmt: skip
 @click.option(
     "--basis-device", type=click.Choice(["same", "cpu"]), default="same",
-    help="Keep the Lanczos vectors on the compute device, or in host memory.",
+    help="Older spelling: cpu is --basis-placement host.",
 )  # fmt: skip
 @click.option(
     "--hvp-strategy", "block_strategy", type=click.Choice(["auto", "vmap", "loop", "reverse"]), default="auto",
@@ -283,6 +286,26 @@ class _Reporter:
 )  # fmt: skip
 @click.option("--no-crosscheck", is_flag=True, help="Skip the Lanczos chain started from the gradient.")
 @click.option(
+    "--data-placement", type=click.Choice(["auto", "device", "host", "stream"]), default="auto",
+    help="Where the data live between passes: stacked on the device, stacked in host memory (copied batch by batch, "
+    "the next prefetched), or read afresh each pass by a DataLoader (any size; images decoded on the fly). auto "
+    "picks from the free memory and says which. Changes no number.",
+)  # fmt: skip
+@click.option(
+    "--workers", type=click.IntRange(min=0), default=2,
+    help="DataLoader worker processes of --data-placement stream (0: read in the main process).",
+)  # fmt: skip
+@click.option(
+    "--basis-placement", type=click.Choice(["auto", "device", "host", "disk"]), default="auto",
+    help="Where the Lanczos vectors live: on the device, in host memory, or in a memory-mapped scratch file "
+    "(removed after the run); reorthogonalisation reads them back in chunks. auto: the first that holds them. "
+    "Changes no number.",
+)  # fmt: skip
+@click.option(
+    "--scratch", "scratch", metavar="DIR", default=None, show_default="the result file's directory",
+    help="Directory of the scratch files of --basis-placement disk.",
+)  # fmt: skip
+@click.option(
     "--probes-per-pass", type=click.IntRange(min=1), default=None, show_default="all",
     help="Evaluate at most G Lanczos chains (probes, then the gradient chain) per data pass, when the activations "
     "of all at once do not fit; the groups run one after another. Changes no stored number.",
@@ -301,6 +324,11 @@ class _Reporter:
     "--shard", metavar="I/N|slurm", default=None,
     help="Analyse only the I-th (0-based) of N disjoint shards of the step-ordered checkpoints, into "
     "OUT.shard-I-of-N.h5 ('slurm': from SLURM_ARRAY_TASK_ID/COUNT); join the files with hessspec merge.",
+)  # fmt: skip
+@click.option(
+    "--dry-run", is_flag=True,
+    help="Print the memory plan and the estimated time per checkpoint (from one timed batch) and stop: nothing is "
+    "analysed or written.",
 )  # fmt: skip
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only: no progress, no summary lines.")
 @debug_option
@@ -330,6 +358,10 @@ def analyze(
     curvatures: tuple[str, ...],
     blocks: tuple[str, ...],
     no_crosscheck: bool,
+    data_placement: str,
+    workers: int,
+    basis_placement: str,
+    scratch: str | None,
     probes_per_pass: int | None,
     step: int | None,
     unsafe_load: bool,
@@ -337,6 +369,7 @@ def analyze(
     out: str,
     force: bool,
     shard: str | None,
+    dry_run: bool,
     quiet: bool,
 ) -> None:
     """Analyse the Hessian spectrum of each CHECKPOINT (files, directories or globs), in training-step order.
@@ -370,6 +403,8 @@ def analyze(
         block_strategy=block_strategy,
         loss=loss,
         loss_factory=loss_factory.strip() if loss_factory else None,
+        data_placement=data_placement,
+        workers=workers,
         settings=AnalysisSettings(
             lanczos_steps=lanczos_steps,
             probes=probes,
@@ -381,6 +416,8 @@ def analyze(
             probes_per_pass=probes_per_pass,
             curvatures=tuple(dict.fromkeys(curvatures)),
             blocks=_check_blocks(blocks),
+            basis_placement=basis_placement,
+            scratch_dir=scratch,
         ),
         label=label,
     )
@@ -401,6 +438,9 @@ def analyze(
         except shards.ShardError as error:
             raise click.BadParameter(str(error), param_hint="--shard") from None
         out = str(shards.shard_output_path(out, shard_spec))
+    if dry_run:
+        _dry_run(job, checkpoints, step, unsafe_load)
+        return
     ctx = distributed.init_from_env(device)  # under torchrun (WORLD_SIZE > 1): this rank's context
     hooks = {}
     if ctx is not None:
@@ -445,6 +485,24 @@ def _check_blocks(blocks: tuple[str, ...]) -> tuple[str, ...]:
         raise click.BadParameter(
             str(error).removeprefix("--blocks: ").removeprefix("--blocks "), param_hint="--blocks"
         ) from None
+
+
+def _dry_run(job, checkpoints: tuple[str, ...], step: int | None, unsafe: bool) -> None:
+    from hessspec.runner.pipeline import dry_run
+
+    tune_allocator_for(job.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+        plan, prepared, planned = dry_run(job, checkpoints, explicit_step=step, unsafe=unsafe)
+    click.echo(plan.line())
+    seconds = plan.seconds_per_checkpoint()
+    passes = 2 + plan.lanczos_steps * plan.rounds
+    click.echo(
+        f"estimated time per checkpoint: {format_duration(seconds)} ({len(planned)} checkpoint(s) planned; from one "
+        f"timed batch of step {planned[0].step} on {plan.device}: product {plan.product_s:.3g} s with "
+        f"{plan.columns_per_pass} column(s), gradient {plan.gradient_s:.3g} s; {plan.batches} batches x {passes} "
+        "passes); nothing analysed"
+    )
 
 
 def _known_to_all_ranks(error: BaseException) -> bool:

@@ -28,9 +28,9 @@ from hessspec.curvature.problem import (
     exact_attention,
     functional_copy,
     model_arguments,
-    move_batch,
     set_population_statistics,
 )
+from hessspec.data.placement import BatchSource, as_batch_source, batch_to
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BLOCK_STRATEGIES = ("auto", "vmap", "loop", "reverse")
@@ -103,6 +103,8 @@ class HessianOperator:
         batches: sequence of batches of any structure: ``(inputs, targets)`` pairs, tuples whose first element is
             the input, or mappings of tensors passed to the model as keyword arguments (see
             :mod:`hessspec.curvature.problem`); moved to the model's device once (floating tensors in ``dtype``).
+            Or a :class:`~hessspec.data.placement.BatchSource` that delivers them to the device on every pass (kept
+            in host memory, or streamed from a data set).
         loss_fn: a torch functional ``loss_fn(outputs, targets)`` returning the *mean* loss over the batch
             (``F.cross_entropy``, ``F.mse_loss``, ...), weighted by batch size; or None. Give ``loss_fn`` or ``loss``,
             not both.
@@ -142,7 +144,7 @@ class HessianOperator:
     def __init__(
         self,
         model: nn.Module,
-        batches: Sequence[Batch],
+        batches: Sequence[Batch] | BatchSource,
         loss_fn: LossFn | None = None,
         *,
         loss: str | Loss | None = None,
@@ -184,11 +186,12 @@ class HessianOperator:
         self._loss_checked = False
 
         self._model = functional_copy(model, bn_mode, self.dtype)
-        self.batches = [move_batch(batch, self.device, self.dtype) for batch in batches]
-        counts = [self.loss.count(batch) for batch in self.batches]
-        totals = torch.tensor(
-            [float(sum(counts)), float(sum(batch_size(batch) for batch in self.batches))], dtype=torch.float64
-        ).to(self.device)
+        self.batches = as_batch_source(batches, self.device, self.dtype)
+        counts, sizes = [], []
+        for batch in self.batches:  # one pass before the first product (it reads a streamed data set once)
+            counts.append(self.loss.count(batch))
+            sizes.append(batch_size(batch))
+        totals = torch.tensor([float(sum(counts)), float(sum(sizes))], dtype=torch.float64).to(self.device)
         if all_reduce is not None:
             totals = all_reduce(totals)
         self.num_units, self.num_examples = (int(round(float(t))) for t in totals)
@@ -218,7 +221,10 @@ class HessianOperator:
     # -- the data loop: the only place that iterates over batches and weights them --------------------------------
     def _weighted_batches(self) -> Iterator[tuple[Batch, float, float]]:
         """``(batch, 1 / its units, its share of all units)`` for every batch holding at least one unit."""
-        for batch, scale, weight in zip(self.batches, self._scales, self._weights, strict=True):
+        # Every batch on the device, wherever the data live (hessspec.data.placement); a batch already in the
+        # operator's device and dtype passes unchanged.
+        batches = (batch_to(batch, self.device, self.dtype) for batch in self.batches)
+        for batch, scale, weight in zip(batches, self._scales, self._weights, strict=True):
             if weight > 0:
                 yield batch, scale, weight
 

@@ -219,7 +219,9 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def set_population_statistics(fmodel: nn.Module, batches: Sequence[Batch], all_reduce: AllReduce | None = None) -> None:
+def set_population_statistics(
+    fmodel: nn.Module, batches: Sequence[Batch] | Any, all_reduce: AllReduce | None = None
+) -> None:
     """Set every BatchNorm layer's statistics to those of its input over all ``batches``.
 
     The layers are visited in forward order and each one's statistics are computed with all earlier layers
@@ -229,7 +231,8 @@ def set_population_statistics(fmodel: nn.Module, batches: Sequence[Batch], all_r
 
     Args:
         fmodel: a copy from :func:`functional_copy` (modified in place; it must be in eval mode).
-        batches: the analysed data.
+        batches: the analysed data: a sequence of batches on the model's device, or a
+            :class:`~hessspec.data.placement.BatchSource`.
         all_reduce: sums a tensor across processes (data-parallel analysis), or None.
     """
     layers = [bn for _, bn in batch_norm_layers(fmodel)]
@@ -238,7 +241,7 @@ def set_population_statistics(fmodel: nn.Module, batches: Sequence[Batch], all_r
     order: list[_BatchNorm] = []
     hooks = [bn.register_forward_pre_hook(lambda m, _inp: order.append(m)) for bn in layers]
     try:
-        call_model(fmodel, batches[0])
+        call_model(fmodel, batches.first() if hasattr(batches, "first") else batches[0])
     finally:
         for h in hooks:
             h.remove()

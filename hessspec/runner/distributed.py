@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hessspec.data.placement import BatchSource
+
 T = TypeVar("T")
 
 TIMEOUT_ENV = "HESSSPEC_DIST_TIMEOUT_S"
@@ -120,7 +122,7 @@ class DistributedContext:
         start, stop = self.batch_range(-(-num_examples // batch_size))
         return start * batch_size, min(stop * batch_size, num_examples)
 
-    def shard_batches(self, batches: Sequence[T]) -> list[T]:
+    def shard_batches(self, batches: Sequence[T] | BatchSource) -> list[T] | BatchSource:
         """This rank's contiguous block of whole batches (see :meth:`batch_range`).
 
         Whole batches keep BatchNorm's per-mini-batch statistics as in one process; contiguous blocks keep the
@@ -130,7 +132,8 @@ class DistributedContext:
             DistributedError: fewer batches than ranks.
         """
         start, stop = self.batch_range(len(batches))
-        return list(batches[start:stop])
+        part = batches[start:stop]  # a BatchSource (any data placement) gives a source of its share
+        return part if isinstance(part, BatchSource) else list(part)
 
     def barrier(self) -> None:
         """Wait until every rank gets here."""

@@ -49,6 +49,11 @@ class AnalysisJob:
             batch's mean over examples), instead of ``loss``.
         block_strategy: how the operator evaluates a block of probes ("auto", "vmap", "loop" or "reverse"; see
             :class:`~hessspec.curvature.hessian.HessianOperator`). It changes rounding only, so resuming ignores it.
+        data_placement: where the data live between passes: "auto", "device", "host" or "stream" (see
+            :mod:`hessspec.data.placement`). It changes no number, so resuming ignores it.
+        workers: loader worker processes of the "stream" placement.
+        tf32: allow TensorFloat-32 matrix products and convolutions on CUDA (``torch.backends``; no effect on the
+            CPU) when the model is evaluated in float32.
         settings: the SLQ settings (seed, Lanczos steps, probes, the curvatures and parameter blocks analysed,
             ...); ``settings.seed`` also draws the ``samples`` subset.
         label: the run's name in the result file; None keeps the file's label (a new file gets its own stem).
@@ -67,6 +72,9 @@ class AnalysisJob:
     block_strategy: str = "auto"
     loss: str | None = None
     loss_factory: str | None = None
+    data_placement: str = "auto"
+    workers: int = 2
+    tf32: bool = False
     settings: AnalysisSettings = field(default_factory=AnalysisSettings)
     label: str | None = None
 
@@ -172,7 +180,10 @@ class AnalysisJob:
             "device": device or self.device,
             "basis_device": s.basis_device,
             "probes_per_pass": s.probes_per_pass,
+            "basis_placement": s.basis_placement,
             "block_strategy": self.block_strategy,
+            "data_placement": self.data_placement,
+            "workers": self.workers,
         }
         # Recorded only when other than the default (the whole-model Hessian), so files written before they
         # existed keep resuming.
@@ -185,6 +196,8 @@ class AnalysisJob:
             config["loss"] = loss
         if data_root is not None:
             config["data_root"] = data_root
+        if self.tf32:  # recorded only when on, so files written before the option resume
+            config["tf32"] = True
         if world_size > 1:
             config["world_size"] = world_size
         if self.label is not None:

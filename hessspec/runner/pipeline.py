@@ -42,7 +42,6 @@ from hessspec.curvature.losses import Loss, LossError, get_loss, loss_from_facto
 from hessspec.curvature.problem import (
     Batch,
     batch_norm_layers,
-    batch_size,
     call_model,
     check_bn_mode,
     describe_batch,
@@ -51,6 +50,8 @@ from hessspec.curvature.problem import (
     move_batch,
     slice_batch,
 )
+from hessspec.data.placement import BatchSource, PlacementChoice
+from hessspec.linalg.basis import remove_stale_scratch
 from hessspec.results import CheckpointResult
 from hessspec.runner.job import (
     AnalysisJob,
@@ -59,9 +60,10 @@ from hessspec.runner.job import (
     parse_dtype,
     resolve_device,
 )
+from hessspec.runner.memory_plan import MemoryPlan, make_plan
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
-ShardBatches = Callable[[list[Batch]], list[Batch]]
+ShardBatches = Callable[[BatchSource], BatchSource]
 Sync = Callable[[str], AbstractContextManager[None]]
 Verify = Callable[[CheckpointResult, str], None]
 
@@ -73,7 +75,8 @@ class Prepared:
     Attributes:
         job: the job this was prepared from.
         model: the network (float32, on ``device``); each checkpoint's state dict is loaded into it.
-        batches: this process's device-resident batches (inputs in ``dtype``).
+        batches: this process's batches (inputs in ``dtype``), delivered to the device on every pass
+            (:class:`~hessspec.data.placement.BatchSource`).
         device: where the Hessian products run.
         dtype: the dtype the model is evaluated in.
         num_examples: examples in ``batches`` (this process's share under data parallelism).
@@ -83,11 +86,13 @@ class Prepared:
         total_batches: batches of all processes together (``len(batches)`` in one process).
         blocks: the names and sizes of the parameter blocks of ``job.settings.blocks`` (empty for none).
         loss: the loss the operators differentiate (the job's, or the model's default).
+        placement: where the data live between passes, and why (see :mod:`hessspec.data.placement`).
+        plan: the memory plan (:mod:`hessspec.runner.memory_plan`), made by :func:`run` before the first product.
     """
 
     job: AnalysisJob
     model: nn.Module
-    batches: list[Batch]
+    batches: BatchSource
     device: torch.device
     dtype: torch.dtype
     num_examples: int
@@ -97,6 +102,8 @@ class Prepared:
     total_batches: int
     blocks: tuple[tuple[str, int], ...] = ()
     loss: Loss | None = None
+    placement: PlacementChoice | None = None
+    plan: MemoryPlan | None = None
 
     @property
     def kinds(self) -> tuple[tuple[str, str], ...]:
@@ -131,11 +138,18 @@ def resolve_loss(job: AnalysisJob, model: nn.Module) -> Loss:
     return get_loss(label if label is not None else default_loss(model))
 
 
-def _check_model_fits_data(model: nn.Module, batches: Sequence[Batch], job: AnalysisJob, loss: Loss) -> None:
+def _checked_batches(batches: BatchSource) -> Sequence[Batch]:
+    # Stacked data are checked whole; streamed data on their first batch only (a later target the loss cannot use
+    # fails in the first pass, with the loss's message), since reading them all here would be one more pass.
+    held = getattr(batches, "batches", None)
+    return held if held is not None else [batches.first()]
+
+
+def _check_model_fits_data(model: nn.Module, batches: BatchSource, job: AnalysisJob, loss: Loss) -> None:
     # One forward pass on two examples, so that a model that cannot take the data, or an output and targets that do
     # not fit the loss, fail here with a hint, not in the middle of the first checkpoint's Hessian products.
     first = next(iter(model.parameters()))
-    original = slice_batch(batches[0], 2)
+    original = slice_batch(batches.first(), 2)
     sample = move_batch(original, first.device, first.dtype)
     was_training = model.training
     model.eval()
@@ -152,7 +166,7 @@ def _check_model_fits_data(model: nn.Module, batches: Sequence[Batch], job: Anal
         model.train(was_training)
     try:
         loss.check(out, original)
-        for batch in batches:
+        for batch in _checked_batches(batches):
             loss.check_targets(batch, out)
     except LossError as error:
         raise PipelineError(str(error)) from error
@@ -171,10 +185,10 @@ def _check_token_ids(model: nn.Module, batches: Sequence[Batch]) -> None:
         hf.check_token_ids(model, max(int(t.max()) for t in ids), max(int(t.shape[-1]) for t in ids))
 
 
-def _check_batch_sizes(model: nn.Module, batches: Sequence[Batch], job: AnalysisJob) -> None:
+def _check_batch_sizes(model: nn.Module, batches: BatchSource, job: AnalysisJob) -> None:
     if job.bn_mode != "train" or not batch_norm_layers(model):
         return
-    sizes = [batch_size(batch) for batch in batches]
+    sizes = batches.sizes()
     if 1 in sizes:
         total = sum(sizes)
         msg = (
@@ -204,17 +218,23 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
         hessspec.models.ModelError, hessspec.models.FactoryError: the model cannot be built.
         hessspec.data.datasets.DatasetError: the data cannot be loaded.
     """
-    from hessspec.data.datasets import load_dataset, materialize
+    from hessspec.data.datasets import load_dataset
+    from hessspec.data.placement import check_placement, place
     from hessspec.models import build_model
 
     check_bn_mode(job.bn_mode)
     check_block_strategy(job.block_strategy)
+    check_placement(job.data_placement, job.workers)
     try:
         job.settings.check()
     except ValueError as error:
         raise PipelineError(str(error)) from None
     dtype = parse_dtype(job.dtype)
     device = resolve_device(job.device)
+    if job.tf32:
+        from hessspec.runtime import set_tf32
+
+        set_tf32(True)
     selector = parameter_filter(job.params)
     # A Hugging Face directory is loaded in the analysis dtype directly, so float64 weights keep every digit.
     model_dtype = dtype if job.model.strip().startswith("hf:") else None
@@ -224,14 +244,16 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
         raise PipelineError(msg)
     model = model.to(device)
     dataset = load_dataset(job.data, samples=job.samples, seed=job.settings.seed, **job.effective_data_args())
-    batches = materialize(dataset, job.batch_size, device, dtype)
+    batches, placement = place(
+        dataset, job.batch_size, device, dtype, placement=job.data_placement, workers=job.workers
+    )
     if job.model.strip().startswith("hf:"):
-        _check_token_ids(model, batches)
+        _check_token_ids(model, _checked_batches(batches))
     loss = resolve_loss(job, model)
     _check_model_fits_data(model, batches, job, loss)
-    total_examples, total_batches = sum(batch_size(batch) for batch in batches), len(batches)
+    total_examples, total_batches = sum(batches.sizes()), len(batches)
     if shard_batches is not None:
-        batches = list(shard_batches(batches))
+        batches = shard_batches(batches)
     _check_batch_sizes(model, batches, job)
     names = [
         name for name, p in model.named_parameters() if (p.requires_grad if selector is None else selector(name, p))
@@ -251,13 +273,14 @@ def prepare(job: AnalysisJob, *, shard_batches: ShardBatches | None = None) -> P
         batches=batches,
         device=device,
         dtype=dtype,
-        num_examples=sum(batch_size(batch) for batch in batches),
+        num_examples=sum(batches.sizes()),
         num_params=sum(params[name].numel() for name in names),
         selector=selector,
         total_examples=total_examples,
         total_batches=total_batches,
         blocks=tuple((block.name, block.n) for block in blocks),
         loss=loss,
+        placement=placement,
     )
 
 
@@ -416,6 +439,31 @@ def analyze_checkpoint(
     return analyze_loaded(prepared, item, sha256, all_reduce=all_reduce, progress=progress)
 
 
+def dry_run(
+    job: AnalysisJob,
+    checkpoints: Sequence[str | os.PathLike[str]],
+    *,
+    explicit_step: int | None = None,
+    unsafe: bool = False,
+    shard_batches: ShardBatches | None = None,
+) -> tuple[MemoryPlan, Prepared, list[PlannedCheckpoint]]:
+    """Plan a run without analysing: the memory plan, with one batch's product and gradient timed on the first
+    checkpoint's weights (``hessspec analyze --dry-run``).
+
+    Returns:
+        ``(plan, prepared, checkpoints)``.
+
+    Raises:
+        See :func:`prepare`, :func:`plan_checkpoints`, :func:`load_weights` and
+        :func:`hessspec.runner.memory_plan.make_plan`.
+    """
+    plan = plan_checkpoints(checkpoints, explicit_step=explicit_step, unsafe=unsafe)
+    prepared = prepare(job, shard_batches=shard_batches)
+    load_weights(prepared, plan[0], unsafe=unsafe)
+    prepared.plan = make_plan(prepared, timed=True)
+    return prepared.plan, prepared, plan
+
+
 class Observer:
     """Receives the progress of :func:`run`; every method does nothing unless overridden."""
 
@@ -570,8 +618,13 @@ def run(
         plan = plan_checkpoints(checkpoints, explicit_step=explicit_step, unsafe=unsafe)
         if select is not None:
             plan = select(plan)
+    if job.settings.scratch_dir is None:  # scratch files of a disk basis go next to the results
+        job = replace(job, settings=replace(job.settings, scratch_dir=str(Path(out).parent)))
+    remove_stale_scratch(job.settings.scratch_dir)  # left by a killed run
     with guard("building the model and loading the data"):
         prepared = prepare(job, shard_batches=shard_batches)
+    with guard("planning the memory"):
+        prepared.plan = make_plan(prepared)
     if job.loss_label() is None and prepared.loss is not None:  # record the model's default loss by its name
         job = replace(job, loss=prepared.loss.name)
     if job.label is None and not os.path.exists(out):
