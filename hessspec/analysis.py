@@ -231,10 +231,14 @@ def _requested_basis_placement(settings: AnalysisSettings) -> str:
 @dataclass
 class _Group:
     # The Lanczos chains of one (curvature, block): ``block`` None for the whole model. ``parts`` are the groups of
-    # at most probes_per_pass chains that run in one pass, all writing into one basis storage.
+    # at most probes_per_pass chains that run in one pass, all writing into one basis storage; a part's chains are
+    # made when its round starts (:meth:`part`), so only the running chains hold work vectors.
     curvature: str
     block: Block | None
-    parts: list[LanczosChains]
+    V0: torch.Tensor
+    steps: int
+    seeds: list[int]
+    parts: list[range]
     basis: torch.Tensor
     probes: int
     gradient_chain: bool
@@ -245,11 +249,17 @@ class _Group:
 
     @property
     def n(self) -> int:
-        return self.parts[0].n
+        return self.V0.shape[0]
 
-    @property
-    def steps(self) -> int:
-        return self.parts[0].steps
+    def part(self, k: int) -> LanczosChains:
+        r = self.parts[k]
+        return LanczosChains(
+            self.V0[:, r.start : r.stop],
+            self.steps,
+            keep_basis=True,
+            basis=self.basis[r.start : r.stop],
+            restart_seeds=self.seeds[r.start : r.stop],
+        )
 
 
 def _check_settings(settings: AnalysisSettings, n: int) -> None:
@@ -386,7 +396,7 @@ def analyze_many(
                     progress(done + j + 1, passes)
 
             matmat = _group_matmat(operator, [groups[i] for i in active], hvp_time)
-            runs = lanczos_lockstep([groups[i].parts[k] for i in active], matmat, callback=callback)
+            runs = lanczos_lockstep([groups[i].part(k) for i in active], matmat, callback=callback)
             for i, run in zip(active, runs, strict=True):
                 parts[i].append(run)
         runs = [merge_results(p, group.basis) for p, group in zip(parts, groups, strict=True)]
@@ -450,17 +460,8 @@ def _group(
 ) -> _Group:
     n, p = V0.shape
     basis = where.empty((p, steps, n), dtype)
-    parts = [
-        LanczosChains(
-            V0[:, r.start : r.stop],
-            steps,
-            keep_basis=True,
-            basis=basis[r.start : r.stop],
-            restart_seeds=seeds[r.start : r.stop],
-        )
-        for r in chain_groups(p, settings.probes_per_pass)
-    ]
-    return _Group(curvature, block, parts, basis, settings.probes, V0.shape[1] > settings.probes)
+    parts = chain_groups(p, settings.probes_per_pass)
+    return _Group(curvature, block, V0, steps, seeds, parts, basis, settings.probes, p > settings.probes)
 
 
 def _group_matmat(

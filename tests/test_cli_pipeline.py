@@ -127,7 +127,8 @@ def test_hooks_for_data_parallel_runs(ckpts, tmp_path):
     assert torch.Size([1]) in reduced  # the skip decision is agreed through all_reduce
     assert len(reduced) > 10  # and the Hessian products are reduced
     assert guarded == [
-        f"checking {out}", "reading the checkpoints", "building the model and loading the data", f"opening {out}",
+        f"checking {out}", "reading the checkpoints", "building the model and loading the data",
+        "planning the memory", f"opening {out}",
         f"loading {ckpts / 'ckpt_00020.pt'}", "checking memory for step 20", f"writing step 20 to {out}",
     ]  # fmt: skip
     assert verified == [(20, "step 20")]

@@ -167,3 +167,29 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert lines[1].startswith("estimated time per checkpoint: ") and "2 batches x 22 passes" in lines[1]
     assert "2 checkpoint(s) planned" in lines[1] and len(checkpoints) == 2
     assert not out.exists() and not out.parent.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_placements_and_bases_off_the_device(image_folder, tmp_path):
+    """On a GPU: pinned host batches and streamed batches are prefetched on a side stream; bases in host memory or
+    on disk are read back in chunks. Same spectrum as everything on the device, to the rounding of GPU kernels."""
+    dataset = load_dataset(f"imagefolder:{image_folder}", image_size=None)
+    device = torch.device("cuda")
+    sources = {
+        "device": DeviceBatches(materialize(dataset, BATCH, device, torch.float64), device),
+        "host": HostBatches(materialize(dataset, BATCH, "cpu", torch.float64), device),
+        "stream": StreamBatches(dataset, BATCH, device, torch.float64, workers=2),
+    }
+    assert all(x.is_pinned() for x, _ in sources["host"].batches)
+    results = {}
+    for name, source in sources.items():
+        for basis in ("device", "host", "disk"):
+            op = HessianOperator(_cnn().to(device), source, block_strategy="reverse")
+            settings = AnalysisSettings(12, 2, 4, seed=3, basis_placement=basis, scratch_dir=str(tmp_path))
+            results[name, basis] = analyze(op, settings)
+    reference = results["device", "device"]
+    scale = np.abs(reference.nodes).max()
+    for key, result in results.items():
+        np.testing.assert_allclose(result.nodes, reference.nodes, rtol=0, atol=1e-9 * scale, err_msg=str(key))
+        np.testing.assert_allclose(result.top_eigenvalues, reference.top_eigenvalues, rtol=1e-9, err_msg=str(key))
+    assert list(tmp_path.glob(".hessspec-basis-*")) == []

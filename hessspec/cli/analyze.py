@@ -248,8 +248,13 @@ class _Reporter:
     help="BatchNorm statistics: of each batch (as trained), running (stored), or recomputed over the data.",
 )  # fmt: skip
 @click.option(
-    "--dtype", type=click.Choice(["float32", "float64"]), default="float32",
-    help="Precision of the model evaluation (Lanczos is always float64); float64 for exactness on small models.",
+    "--dtype", type=click.Choice(["float32", "float64", "bfloat16"]), default="float32",
+    help="Precision of the model evaluation (products accumulate, and Lanczos runs, in float64); float64 for "
+    "exactness on small models; the README gives what float32 and bfloat16 cost in accuracy.",
+)  # fmt: skip
+@click.option(
+    "--tf32", is_flag=True,
+    help="Allow TensorFloat-32 products on CUDA (faster float32 on Ampere and later; no effect on the CPU).",
 )  # fmt: skip
 @click.option(
     "--device", default="auto", metavar="auto|cpu|cuda|cuda:I",
@@ -349,6 +354,7 @@ def analyze(
     top_k: int,
     bn_mode: str,
     dtype: str,
+    tf32: bool,
     device: str,
     seed: int,
     params: str | None,
@@ -398,6 +404,7 @@ def analyze(
         batch_size=batch_size,
         bn_mode=bn_mode,
         dtype=dtype,
+        tf32=tf32,
         device=device,
         params=params,
         block_strategy=block_strategy,

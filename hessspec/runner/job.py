@@ -15,7 +15,7 @@ from torch import nn
 
 from hessspec.analysis import AnalysisSettings
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 DEFAULT_BATCH_SIZE = 128  # the training batch size of the digits examples; BN train mode should use the training one
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
@@ -39,7 +39,8 @@ class AnalysisJob:
         batch_size: examples per batch (BN train mode normalises with each batch's statistics: use the training
             batch size).
         bn_mode: "train", "eval" or "population" (see :mod:`hessspec.curvature.problem`).
-        dtype: "float32" or "float64", the dtype the model is evaluated in (Lanczos is always float64).
+        dtype: "float32", "float64" or "bfloat16", the dtype the model is evaluated in (products are accumulated
+            and Lanczos runs in float64 whatever it is).
         device: "auto" (CUDA if available, else the CPU), "cpu", "cuda", "cuda:I" or "mps".
         params: a regular expression; only parameters whose names it matches (``re.search``) span the Hessian.
             None for all parameters that require gradients.
@@ -243,7 +244,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """``"float32"`` or ``"float64"`` as a torch dtype.
+    """``"float32"``, ``"float64"`` or ``"bfloat16"`` as a torch dtype.
 
     Raises:
         PipelineError: another name.
