@@ -193,3 +193,13 @@ def test_cuda_placements_and_bases_off_the_device(image_folder, tmp_path):
         np.testing.assert_allclose(result.nodes, reference.nodes, rtol=0, atol=1e-9 * scale, err_msg=str(key))
         np.testing.assert_allclose(result.top_eigenvalues, reference.top_eigenvalues, rtol=1e-9, err_msg=str(key))
     assert list(tmp_path.glob(".hessspec-basis-*")) == []
+
+
+def test_batches_by_index(image_folder):
+    dataset = load_dataset(f"imagefolder:{image_folder}", image_size=None)
+    sources = _sources(dataset)
+    everything = list(sources["device"])
+    for name, source in sources.items():
+        for i in (0, 3, -1):
+            x, y = source[i]
+            assert torch.equal(x, everything[i][0]) and torch.equal(y, everything[i][1]), (name, i)

@@ -112,8 +112,9 @@ class BatchSource:
         """The first batch, on the device (one batch read, not a pass)."""
         return next(iter(self))
 
-    def __getitem__(self, index: slice) -> BatchSource:
-        """The batches ``index`` (a slice with step 1) as a source of the same placement: a rank's share."""
+    def __getitem__(self, index: int | slice) -> Any:
+        """Batch ``index`` on the device, or the batches of a slice (step 1) as a source of the same placement
+        (a rank's share)."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -156,7 +157,9 @@ class DeviceBatches(BatchSource):
     def first(self) -> Any:
         return self.batches[0]
 
-    def __getitem__(self, index: slice) -> DeviceBatches:
+    def __getitem__(self, index: int | slice) -> Any:
+        if not isinstance(index, slice):
+            return self.batches[index]
         start, stop = _whole_slice(index, len(self))
         return DeviceBatches(self.batches[start:stop], self.device)
 
@@ -203,7 +206,9 @@ class HostBatches(BatchSource):
     def first(self) -> Any:
         return batch_to(self.batches[0], self.device, None)
 
-    def __getitem__(self, index: slice) -> HostBatches:
+    def __getitem__(self, index: int | slice) -> Any:
+        if not isinstance(index, slice):
+            return batch_to(self.batches[index], self.device, None)
         start, stop = _whole_slice(index, len(self))
         part = HostBatches([], self.device)
         part.batches = self.batches[start:stop]
@@ -326,10 +331,14 @@ class StreamBatches(BatchSource):
         return [min(self.batch_size, total - start) for start in range(0, total, self.batch_size)]
 
     def first(self) -> Any:
-        items = [self.dataset[i] for i in range(min(self.batch_size, len(self.dataset)))]  # type: ignore[arg-type]
-        return batch_to(self.collate_fn(items), self.device, self.dtype)
+        return self[0]
 
-    def __getitem__(self, index: slice) -> StreamBatches:
+    def __getitem__(self, index: int | slice) -> Any:
+        if not isinstance(index, slice):  # one batch, read in this process
+            start = range(len(self))[index] * self.batch_size
+            stop = min(start + self.batch_size, len(self.dataset))  # type: ignore[arg-type]
+            items = [self.dataset[i] for i in range(start, stop)]
+            return batch_to(self.collate_fn(items), self.device, self.dtype)
         start, stop = _whole_slice(index, len(self))
         total = len(self.dataset)  # type: ignore[arg-type]
         examples = range(start * self.batch_size, min(stop * self.batch_size, total))
