@@ -29,7 +29,7 @@ Configurations (``--model``):
              (``--device cuda --examples 50000``)
 
 Run:  python benchmarks/vs_peers.py [--quick] [--model cnn|resnet32] [--device cpu|cuda] [--settings 90x10,20x3]
-      [--examples 2048] [--repeats 1] [--tools hessspec,pyhessian,curvlinops]
+      [--examples 2048] [--repeats 1] [--tools hessspec,pyhessian,curvlinops] [--hvp-strategy auto|vmap|loop|reverse]
 Timings are wall times of one run each (median and spread over ``--repeats``); record them in
 benchmarks/RESULTS.md with the machine and its load.
 """
@@ -51,7 +51,7 @@ from hvp import _cpu_name, _sync, synthetic_cifar_batches  # the script's folder
 from torch import nn
 
 from hessspec.analysis import AnalysisSettings, analyze
-from hessspec.curvature.hessian import HessianOperator
+from hessspec.curvature.hessian import BLOCK_STRATEGIES, HessianOperator
 from hessspec.models import build_model
 from hessspec.runtime import tune_cpu_allocator
 
@@ -114,9 +114,9 @@ def pyhessian_eig_shim() -> Iterator[None]:
             del torch.eig
 
 
-def run_hessspec(model, batches, bn_mode: str, steps: int, probes: int) -> dict:
+def run_hessspec(model, batches, bn_mode: str, steps: int, probes: int, strategy: str = "auto") -> dict:
     t0 = time.perf_counter()
-    op = HessianOperator(model, batches, bn_mode=bn_mode)
+    op = HessianOperator(model, batches, bn_mode=bn_mode, block_strategy=strategy)
     result = analyze(op, AnalysisSettings(lanczos_steps=steps, probes=probes, top_k=min(20, steps)))
     _sync(op.device)
     columns = probes + int(result.gradient_nodes is not None)
@@ -175,6 +175,7 @@ def bench_config(
     repeats: int,
     device: torch.device,
     log: Callable[[str], None],
+    strategy: str = "auto",
 ) -> None:
     """Time every tool at every setting on one model, interleaved, and print one table row per tool and setting."""
     unit_op = HessianOperator(model, batches, bn_mode=bn_modes[0])
@@ -190,7 +191,7 @@ def bench_config(
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     runners: list[tuple[str, Callable[[int, int], dict]]] = []
     for mode in bn_modes if "hessspec" in tools else []:
-        runners.append((f"hessspec (BN {mode})" if has_bn else "hessspec", _hs(model, batches, mode)))
+        runners.append((f"hessspec (BN {mode})" if has_bn else "hessspec", _hs(model, batches, mode, strategy)))
     suffix = " (BN eval)" if has_bn else ""
     if "pyhessian" in tools:
         runners.append((f"PyHessian{suffix}", _ph(model, batches, device)))
@@ -222,8 +223,8 @@ def bench_config(
             )
 
 
-def _hs(model, batches, mode):
-    return lambda steps, probes: run_hessspec(model, batches, mode, steps, probes)
+def _hs(model, batches, mode, strategy):
+    return lambda steps, probes: run_hessspec(model, batches, mode, steps, probes, strategy)
 
 
 def _ph(model, batches, device):
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--tools", default="hessspec," + ",".join(PEERS))
     parser.add_argument("--bn", choices=("both", "without", "with"), default="both")
+    parser.add_argument("--hvp-strategy", choices=BLOCK_STRATEGIES, default="auto", help="hessspec's block_strategy")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 examples, 2x2 only")
     args = parser.parse_args(argv)
 
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         label = f"{args.model} {'with' if batch_norm else 'without'} BN"
         modes = ["eval", "train"] if batch_norm else ["train"]
         log = lambda line: print(line, flush=True)  # noqa: E731
-        bench_config(label, model, batches, modes, settings, tools, args.repeats, device, log)
+        bench_config(label, model, batches, modes, settings, tools, args.repeats, device, log, args.hvp_strategy)
 
 
 if __name__ == "__main__":
