@@ -17,6 +17,10 @@ from hessspec.linalg import spectrum
 WHOLE_HESSIAN = ("hessian", "all")
 
 
+class HessspecWarning(UserWarning):
+    """Something a user should know that does not stop the work (the command line shows it as one line)."""
+
+
 @dataclass(frozen=True)
 class CheckpointResult:
     """Everything hessspec measured on one checkpoint.
@@ -94,6 +98,16 @@ class CheckpointResult:
     curvature: str = WHOLE_HESSIAN[0]
     block: str = WHOLE_HESSIAN[1]
     top_converged: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        # Short: the arrays are in the fields, not in the repr.
+        converged = "?" if self.top_converged is None else int(np.sum(self.top_converged))
+        return (
+            f"CheckpointResult(step={self.step}, curvature={self.curvature!r}, block={self.block!r}, "
+            f"n_params={self.n_params}, loss={self.loss:.6g}, lambda_max={self.lambda_max:.6g}, "
+            f"trace={self.trace:.6g}, probes={self.probes}, lanczos_steps={self.lanczos_steps}, "
+            f"converged={converged}/{len(self.top_eigenvalues)}, source={self.source!r})"
+        )
 
     @property
     def kind(self) -> tuple[str, str]:

@@ -418,3 +418,39 @@ def test_bad_curvatures_and_blocks(runner, ckpts, tmp_path, args, fragments):
     result = analyze(runner, str(ckpts / "ckpt_00000.pt"), *args, "--out", str(tmp_path / "o.h5"))
     assert_one_error(result, *fragments)
     assert not (tmp_path / "o.h5").exists()
+
+
+# -- what a new user ran into ------------------------------------------------------------------------------------
+
+
+def test_same_step_from_two_files_is_warned_about_and_shown_with_its_source(runner, ckpts, tmp_path):
+    from safetensors.torch import save_file
+
+    state = torch.load(ckpts / "ckpt_00000.pt", weights_only=True)["model"]
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "ckpt_00000.pt").write_bytes((ckpts / "ckpt_00000.pt").read_bytes())
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "ckpts" / "step_0.safetensors")
+    out = tmp_path / "o.h5"
+    result = runner.invoke(cli, ["analyze", str(tmp_path / "ckpts"), "--out", str(out), *MODEL, *SETTINGS])
+    assert result.exit_code == 0, result.output
+    assert "Warning: 2 checkpoint files hold step 0: ckpt_00000.pt, step_0.safetensors" in result.stderr
+    info = runner.invoke(cli, ["info", str(out)])
+    assert "ckpt_00000.pt" in info.stdout and "step_0.safetensors" in info.stdout
+    assert "several checkpoint files hold the same step: 0" in info.stdout
+    figure = tmp_path / "d.png"
+    plotted = runner.invoke(cli, ["plot", "density", str(out), "--steps", "0", "--out", str(figure)])
+    assert plotted.exit_code == 0, plotted.output
+    assert "Warning: run 'o' holds 2 checkpoints at step 0 (ckpt_00000.pt, step_0.safetensors)" in plotted.stderr
+
+
+def test_advice_on_num_classes_only_for_zoo_models(runner, ckpts, tmp_path, monkeypatch):
+    (tmp_path / "mynet.py").write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    result = analyze(runner, str(ckpts / "ckpt_00000.pt"), "--out", "o.h5", model=["--model-factory", "mynet:make"])
+    line = assert_one_error(result, "3 outputs", "must return 10 outputs")
+    assert "num_classes" not in line.split("must return")[1].split(";")[0]
+    assert "pass --model-arg num_classes" not in line
+    zoo = ["--model", "mlp", "--model-arg", "width=8", "--model-arg", "depth=2", "--model-arg", "num_classes=3"]
+    assert_one_error(analyze(runner, str(ckpts), "--out", "o.h5", model=zoo), "pass --model-arg num_classes=10")

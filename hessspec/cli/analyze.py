@@ -386,6 +386,7 @@ def analyze(
     the ranks share each checkpoint's data and rank 0 reports; see 'Several processes' below.
     """
     from hessspec.analysis import AnalysisSettings
+    from hessspec.results import HessspecWarning
     from hessspec.runner.pipeline import AnalysisJob, run
 
     model_spec = _choose(model, model_factory, "--model", "--model-factory")
@@ -459,6 +460,7 @@ def analyze(
     with warnings.catch_warnings():
         # torch.func loads its decompositions through the deprecated torch.jit.script (torch-internal noise).
         warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+        warnings.simplefilter("always", HessspecWarning)
         warnings.showwarning = reporter.warning
         try:
             report = run(

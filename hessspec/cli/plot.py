@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -75,6 +76,20 @@ _out_option = click.option(
 @debug_option
 def plot() -> None:
     """Figures from result files (PNG, PDF or SVG, chosen by the --out suffix)."""
+    # Warnings (e.g. several checkpoint files at a drawn step) as one line on stderr, for this command only.
+    from hessspec.results import HessspecWarning
+
+    saved = (warnings.showwarning, warnings.filters[:])
+
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        click.echo(f"Warning: {' '.join(str(message).split())}", err=True)
+
+    def restore() -> None:
+        warnings.showwarning, warnings.filters[:] = saved
+
+    warnings.showwarning = one_line
+    warnings.simplefilter("always", HessspecWarning)
+    click.get_current_context().call_on_close(restore)
 
 
 _steps_option = click.option(

@@ -11,6 +11,8 @@ Attention runs on differentiable kernels (:func:`hessspec.curvature.problem.exac
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -90,6 +92,23 @@ def aligned_columns(V: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     buffer = torch.empty((p, stride), dtype=dtype, device=V.device)
     buffer[:, :n] = V.T
     return buffer[:, :n].T
+
+
+@functools.cache
+def _load_jvp_decompositions() -> None:
+    """Load torch's forward-mode decompositions once, with exactly the warning they raise silenced.
+
+    ``torch.autograd.forward_ad`` loads them on its first use through the deprecated ``torch.jit.script``, whose
+    FutureWarning (torch's internals, nothing a user can change) would otherwise reach users of the Python API.
+    """
+    from torch.autograd import forward_ad
+
+    load = getattr(forward_ad, "_maybe_load_decompositions", None)
+    if load is None:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        load()
 
 
 class HessianOperator:
@@ -276,6 +295,8 @@ class HessianOperator:
     def _batch_hvp(self, V: torch.Tensor, batch: Batch, scale: float, strategy: str) -> torch.Tensor:
         if strategy == "reverse":
             return self._batch_hvp_reverse(V, batch, scale)
+
+        _load_jvp_decompositions()
 
         def gradient(theta: torch.Tensor) -> torch.Tensor:
             return grad(self._batch_loss)(theta, batch, scale)

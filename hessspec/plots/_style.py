@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -13,7 +14,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from hessspec.results import WHOLE_HESSIAN, CheckpointResult
+from hessspec.results import WHOLE_HESSIAN, CheckpointResult, HessspecWarning
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable under the common colour-vision deficiencies and
 # in greyscale by lightness. Their yellow (#F0E442) is left out: too pale on white.
@@ -121,9 +122,17 @@ def format_steps(steps: Sequence[int]) -> str:
 
 
 def checkpoint_at(run: RunLike, checkpoints: Sequence[CheckpointResult], step: int) -> CheckpointResult:
-    for c in checkpoints:
-        if c.step == step:
-            return c
+    hits = [c for c in checkpoints if c.step == step]
+    if len(hits) > 1:
+        sources = ", ".join(os.path.basename(c.source) or c.sha256[:8] for c in hits)
+        shown = os.path.basename(hits[0].source) or hits[0].sha256[:8]
+        warnings.warn(
+            f"run {run.label!r} holds {len(hits)} checkpoints at step {step} ({sources}); drawing {shown}",
+            HessspecWarning,
+            stacklevel=2,
+        )
+    if hits:
+        return hits[0]
     msg = (
         f"run {run.label!r} holds no checkpoint at step {step}; "
         f"available steps: {format_steps([c.step for c in checkpoints])}"

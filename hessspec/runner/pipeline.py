@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -52,7 +54,7 @@ from hessspec.curvature.problem import (
 )
 from hessspec.data.placement import BatchSource, PlacementChoice
 from hessspec.linalg.basis import remove_stale_scratch
-from hessspec.results import CheckpointResult
+from hessspec.results import CheckpointResult, HessspecWarning
 from hessspec.runner.job import (
     AnalysisJob,
     PipelineError,
@@ -145,6 +147,19 @@ def _checked_batches(batches: BatchSource) -> Sequence[Batch]:
     return held if held is not None else [batches.first()]
 
 
+def _advice_for(message: str, job: AnalysisJob) -> str:
+    # "--model-arg num_classes=N" is advice for zoo models, which take num_classes; a user's factory may not.
+    from hessspec.models import available_models
+
+    if job.model.strip() in available_models():
+        return message
+    return re.sub(
+        r"pass --model-arg num_classes=(\d+)",
+        r"the model must return \1 outputs (one per class; --model-arg passes arguments to your factory)",
+        message,
+    )
+
+
 def _check_model_fits_data(model: nn.Module, batches: BatchSource, job: AnalysisJob, loss: Loss) -> None:
     # One forward pass on two examples, so that a model that cannot take the data, or an output and targets that do
     # not fit the loss, fail here with a hint, not in the middle of the first checkpoint's Hessian products.
@@ -169,7 +184,7 @@ def _check_model_fits_data(model: nn.Module, batches: BatchSource, job: Analysis
         for batch in _checked_batches(batches):
             loss.check_targets(batch, out)
     except LossError as error:
-        raise PipelineError(str(error)) from error
+        raise PipelineError(_advice_for(str(error), job)) from error
     except Exception as error:  # a loss factory failing on the data
         msg = f"the loss {loss.name!r} fails on the data {job.data!r}: {_first_line(error)}"
         raise PipelineError(msg) from error
@@ -336,7 +351,27 @@ def plan_checkpoints(
             "time, each with its own --step"
         )
         raise PipelineError(msg)
-    return sorted(planned, key=lambda item: (item.step, str(item.path)))
+    planned = sorted(planned, key=lambda item: (item.step, str(item.path)))
+    _warn_duplicate_steps(planned)
+    return planned
+
+
+def _warn_duplicate_steps(planned: Sequence[PlannedCheckpoint]) -> None:
+    # A .pt and a .safetensors of the same step (or a directory holding several formats) are analysed twice:
+    # each is stored under its own source, which info and export show, but the user should know.
+    by_step: dict[int, list[PlannedCheckpoint]] = {}
+    for item in planned:
+        by_step.setdefault(item.step, []).append(item)
+    for step, items in by_step.items():
+        if len(items) > 1:
+            names = ", ".join(item.path.name for item in items)
+            same = " (identical bytes)" if len({item.sha256 for item in items}) == 1 else ""
+            warnings.warn(
+                f"{len(items)} checkpoint files hold step {step}: {names}{same}; each is analysed and stored, "
+                "told apart by its source file in info and export",
+                HessspecWarning,
+                stacklevel=3,
+            )
 
 
 def check_lanczos_memory(prepared: Prepared) -> None:
@@ -500,6 +535,13 @@ class RunReport:
     out: str
     analysed: tuple[CheckpointResult, ...]
     skipped: tuple[PlannedCheckpoint, ...]
+
+    def __repr__(self) -> str:
+        steps = sorted({r.step for r in self.analysed})
+        return (
+            f"RunReport(out={self.out!r}, analysed={len(self.analysed)} result(s) at steps {steps}, "
+            f"skipped={len(self.skipped)} checkpoint(s))"
+        )
 
 
 def _no_sync(_what: str) -> AbstractContextManager[None]:
