@@ -148,15 +148,16 @@ class _Reporter:
         stored = f", {sum(done)} already in {self.out}" if any(done) else ""
         batches = prepared.total_batches
         ranks = f" over {self.world_size} ranks" if self.world_size > 1 else ""
+        placement, memory_plan = getattr(prepared, "placement", None), getattr(prepared, "plan", None)
         self.say(
             f"analysing {todo} of {len(plan)} checkpoint(s){stored}: {prepared.job.model} "
             f"({prepared.num_params:,} parameters) on {prepared.job.data} ({prepared.total_examples:,} examples in "
             f"{batches} batch{'es' if batches != 1 else ''}{ranks}), {prepared.device}, {prepared.job.dtype}"
-            + (f"; data: {prepared.batches.describe()} ({prepared.placement.reason})" if prepared.placement else ""),
+            + (f"; data: {prepared.batches.describe()} ({placement.reason})" if placement is not None else ""),
             err=True,
         )
-        if prepared.plan is not None:
-            self.say(prepared.plan.line(), err=True)
+        if memory_plan is not None:
+            self.say(memory_plan.line(), err=True)
 
     def summary(self, result) -> str:
         ranks = [int(k) for k in result.overlap_k]
