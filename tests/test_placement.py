@@ -203,3 +203,36 @@ def test_batches_by_index(image_folder):
         for i in (0, 3, -1):
             x, y = source[i]
             assert torch.equal(x, everything[i][0]) and torch.equal(y, everything[i][1]), (name, i)
+
+
+def test_explicit_placement_that_cannot_fit_is_refused_before_stacking(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    # 30 GiB asked for on a machine with 20 GiB free: one line naming the size and what helps.
+    with pytest.raises(PlacementError) as info:
+        choose_placement("device", 30 * 2**30, cpu, device_free=20 * 2**30)
+    text = str(info.value)
+    assert "\n" not in text and "30.00 GiB" in text and "20.00 GiB" in text
+    assert "--samples" in text and "--data-placement stream" in text and "--data-placement host" not in text
+    with pytest.raises(PlacementError, match="--data-placement host"):
+        choose_placement("device", 30 * 2**30, gpu, device_free=20 * 2**30, host_free=100 * 2**30)
+    with pytest.raises(PlacementError, match="stacked in cpu memory"):
+        choose_placement("host", 30 * 2**30, gpu, device_free=100 * 2**30, host_free=20 * 2**30)
+    assert choose_placement("host", 10 * 2**30, gpu, device_free=1, host_free=20 * 2**30).placement == "host"
+    assert choose_placement("stream", 30 * 2**30, cpu, device_free=1).placement == "stream"  # never refused
+
+
+def test_too_big_data_set_is_a_one_line_cli_error(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from hessspec.cli import cli
+    from hessspec.data import placement
+
+    monkeypatch.setattr(placement, "available_bytes", lambda device: 1000)  # far less than the digits set
+    model = tmp_path / "ckpt_0.pt"
+    torch.save(__import__("hessspec").build_model("mlp", num_classes=10).state_dict(), model)
+    args = ["analyze", str(model), "--model", "mlp", "--data", "digits", "--device", "cpu"]
+    result = CliRunner().invoke(cli, [*args, "--data-placement", "device", "--out", str(tmp_path / "o.h5")])
+    assert result.exit_code != 0
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
+    assert "GiB are free" in line and "--samples" in line
+    assert not (tmp_path / "o.h5").exists()

@@ -28,10 +28,12 @@ DATA_PLACEMENTS = ("auto", "device", "host", "stream")
 # "auto" keeps the stacked data on the device while they take at most this share of its free memory (the rest is
 # for activations, work arrays and bases), else in host memory under the same rule, else streams them.
 AUTO_SHARE = 0.5
+# An explicit device or host placement is refused when the stacked set exceeds this share of the free memory.
+FIT_SHARE = 0.9
 
 
 class PlacementError(ValueError):
-    """A data placement cannot be used as asked (unknown name, bad worker count)."""
+    """A data placement cannot be used as asked (unknown name, bad worker count, data that cannot fit)."""
 
 
 def check_placement(placement: str, workers: int = 0) -> None:
@@ -425,9 +427,25 @@ def choose_placement(
     """
     check_placement(requested)
     size = f"{data_bytes / 2**30:.2f} GiB stacked"
+    cpu = torch.device("cpu")
+    if requested in ("device", "host"):
+        # Refuse before stacking: a set that cannot fit would otherwise end in the allocator's own error (or the
+        # kernel's OOM killer) after minutes of decoding.
+        if requested == "device":
+            where, free = device, device_free
+        else:
+            where, free = cpu, host_free if host_free is not None else (device_free if device.type == "cpu" else None)
+        free = available_bytes(where) if free is None else free
+        if free is not None and data_bytes > FIT_SHARE * free:
+            host = ", --data-placement host" if requested == "device" and device.type != "cpu" else ""
+            msg = (
+                f"the analysed data set needs {data_bytes / 2**30:.2f} GiB stacked in {where} memory "
+                f"(--data-placement {requested}) but only {free / 2**30:.2f} GiB are free; analyse a subset with "
+                f"--samples N{host}, or --data-placement stream (batches read afresh on every pass)"
+            )
+            raise PlacementError(msg)
     if requested != "auto":
         return PlacementChoice(requested, data_bytes, f"as asked ({size})")
-    cpu = torch.device("cpu")
     device_free = available_bytes(device) if device_free is None else device_free
     if device_free is None or data_bytes <= AUTO_SHARE * device_free:
         free = "free memory unknown" if device_free is None else f"{device_free / 2**30:.1f} GiB free on {device}"
