@@ -18,18 +18,39 @@ class FactoryError(ValueError):
 
 
 @contextmanager
-def _cwd_on_sys_path() -> Iterator[None]:
-    # Users run `hessspec analyze --model mymodels:make` from their project directory, where the installed
-    # console script would not otherwise find `mymodels`.
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
+def _on_sys_path(directories: list[str]) -> Iterator[None]:
+    added = [d for d in dict.fromkeys(directories) if d not in sys.path]
+    sys.path[:0] = added
     try:
         yield
     finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
+        for directory in added:
+            if directory in sys.path:
+                sys.path.remove(directory)
+
+
+def _cwd_on_sys_path():
+    # Users run `hessspec analyze --model mymodels:make` from their project directory, where the installed
+    # console script would not otherwise find `mymodels`.
+    return _on_sys_path([os.getcwd()])
+
+
+def factory_directory(spec: str | None) -> str | None:
+    """The directory of a ``FILE.py:FUNCTION`` spec's file (absolute), or None for other specs."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        return None
+    module_part = spec.split(":")[0].strip()
+    return str(Path(module_part).expanduser().resolve().parent) if module_part.endswith(".py") else None
+
+
+def user_import_paths(*specs: str | None):
+    """A context manager that puts the current directory and the directories of ``FILE.py:FUNCTION`` factory
+    files among ``specs`` at the front of ``sys.path``, as ``python FILE.py`` would: a factory file can import its
+    sibling modules (also lazily, when the factory is called), and a pickled whole model whose class lives in such
+    a module can be unpickled (``--unsafe-load``). ``sys.path`` is restored on exit.
+    """
+    files = [d for d in (factory_directory(spec) for spec in specs) if d is not None]
+    return _on_sys_path([*files, os.getcwd()])
 
 
 def _import_from_file(file: Path, spec: str) -> ModuleType:
@@ -43,7 +64,8 @@ def _import_from_file(file: Path, spec: str) -> ModuleType:
     module = importlib.util.module_from_spec(import_spec)
     sys.modules[module_name] = module
     try:
-        import_spec.loader.exec_module(module)
+        with _on_sys_path([str(file.resolve().parent)]):  # its sibling modules, as `python FILE.py` finds them
+            import_spec.loader.exec_module(module)
     except Exception as error:
         del sys.modules[module_name]
         msg = f"importing {str(file)!r} (from {spec!r}) failed: {type(error).__name__}: {error}"

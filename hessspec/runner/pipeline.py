@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -594,6 +595,48 @@ def check_output(out: str | os.PathLike[str], job: AnalysisJob, *, force: bool =
 
 
 def run(
+    job: AnalysisJob,
+    checkpoints: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    **options: Any,
+) -> RunReport:
+    """Analyse checkpoint files in step order into a result file (what ``hessspec analyze`` runs).
+
+    ``checkpoints`` are files, directories or glob patterns (one, or a sequence). An in-memory ``nn.Module`` is not
+    a checkpoint: analyse it with ``hessspec.analyze(hessspec.HessianOperator(model, batches))``, or save its
+    ``state_dict()`` with ``torch.save`` and pass the file. While it runs, the current directory and the
+    directories of ``FILE.py:FUNCTION`` factories are on the import path (see
+    :func:`hessspec.models.factory.user_import_paths`). The options and what is raised are those of
+    :func:`run_checkpoints`.
+
+    Raises:
+        TypeError: ``job`` is not an :class:`AnalysisJob`, or ``checkpoints`` are not paths.
+    """
+    from hessspec.models.factory import user_import_paths
+
+    if not isinstance(job, AnalysisJob):
+        msg = f"hessspec.run takes an AnalysisJob first, got {type(job).__module__}.{type(job).__qualname__}"
+        raise TypeError(msg)
+    if isinstance(checkpoints, (str, os.PathLike)):
+        checkpoints = [checkpoints]
+    wrong = (
+        [c for c in checkpoints if not isinstance(c, (str, os.PathLike))]
+        if isinstance(checkpoints, Sequence)
+        else [checkpoints]
+    )
+    if wrong:
+        what = f"{type(wrong[0]).__module__}.{type(wrong[0]).__qualname__}"
+        msg = (
+            f"hessspec.run takes checkpoint files, directories or glob patterns, got a {what}; for a model in memory "
+            "use hessspec.analyze(hessspec.HessianOperator(model, batches)), or torch.save(model.state_dict(), "
+            "'ckpt_0.pt') and pass that file"
+        )
+        raise TypeError(msg)
+    with user_import_paths(job.model, job.data, job.loss_factory):
+        return run_checkpoints(job, checkpoints, out, **options)
+
+
+def run_checkpoints(
     job: AnalysisJob,
     checkpoints: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
