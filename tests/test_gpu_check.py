@@ -22,6 +22,10 @@ def test_gpu_check_tiny_on_the_cpu(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     text = out.read_text()
-    assert "| cifar-resnet20 | bfloat16 |" in text and "| cifar-resnet20-nobn | float32 + TF32 |" in text
-    assert "failed" not in text
+    assert "| cifar-resnet8 | bfloat16 |" in text and "| cifar-resnet8-nobn | float32 + TF32 |" in text
+    assert "failed" not in text and "ran eagerly" not in text and "skipped" not in text
+    # The compiled cell of the tiny run (float32, no BN): cost, compile time and difference to eager, all numbers.
+    row = next(line for line in text.splitlines() if line.startswith("| cifar-resnet8-nobn | float32 |"))
+    ratio, compile_s, difference = (cell.strip() for cell in row.strip("|").split("|")[5:8])
+    assert float(ratio) > 0 and float(compile_s) >= 0 and float(difference) < 1e-2
     assert "**one checkpoint**" in text

@@ -35,9 +35,11 @@ All columns of all requested matrices share one pass over the data, accumulated 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
+from hessspec.curvature.compiled import warn_once
 from hessspec.curvature.hessian import HessianOperator
 from hessspec.curvature.losses import prediction
 from hessspec.curvature.problem import Batch
@@ -104,6 +106,7 @@ class CurvatureOperator(HessianOperator):
         super().__init__(model, batches, loss_fn, **kwargs)
         self.curvature = curvature
         self._mean_gradient: torch.Tensor | None = None
+        self._eager_family: list[str] = []  # curvatures whose G or F columns ran eagerly under ``compile``
 
     # -- per-batch functions --------------------------------------------------------------------------------
     def _batch_gauss_newton(self, VG: torch.Tensor, VF: torch.Tensor, batch: Batch, scale: float) -> torch.Tensor:
@@ -172,6 +175,8 @@ class CurvatureOperator(HessianOperator):
             for kind, items in stacks.items()
         }
         widths = {kind: block.shape[1] for kind, block in blocks.items()}
+        if self._compiled is not None and (widths["G"] or widths["F"]):
+            self._note_eager_family([name for name in columns if name != "hessian"])
         # Column-major, so that each column (a backward's grad_outputs) is contiguous, once per product.
         blocks = {kind: block.T.contiguous().T for kind, block in blocks.items()}
         total = sum(widths.values())
@@ -205,6 +210,23 @@ class CurvatureOperator(HessianOperator):
             else:
                 result[name] = per_kind[(name, _NEEDS[name][0])]
         return result
+
+    def _note_eager_family(self, names: Sequence[str]) -> None:
+        new = [name for name in names if name not in self._eager_family]
+        if new:
+            self._eager_family += new
+            warn_once(
+                f"--compile: the Gauss-Newton family's products ({', '.join(self._eager_family)}) run eagerly; only "
+                "the Hessian's are compiled"
+            )
+
+    def recorded_settings(self) -> dict[str, Any]:
+        """As :meth:`HessianOperator.recorded_settings`, plus ``compile_eager``: the curvatures whose Gauss-Newton
+        products ran eagerly under ``compile`` (they are not compiled), if any."""
+        recorded = super().recorded_settings()
+        if self._eager_family:
+            recorded["compile_eager"] = ", ".join(self._eager_family)
+        return recorded
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.products({self.curvature: V})[self.curvature]

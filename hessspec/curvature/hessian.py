@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
+from hessspec.curvature.compiled import CompiledFunctions
+from hessspec.curvature.compiled import first_line as _first_line
 from hessspec.curvature.losses import Loss, MeanLoss, get_loss
 from hessspec.curvature.problem import (
     ATTENTION_KERNEL,
@@ -73,11 +75,6 @@ def check_block_strategy(block_strategy: str) -> None:
     if block_strategy not in BLOCK_STRATEGIES:
         msg = f"block_strategy must be one of {', '.join(BLOCK_STRATEGIES)}; got {block_strategy!r}"
         raise ValueError(msg)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def aligned_columns(V: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -152,6 +149,10 @@ class HessianOperator:
             immutable efficient zero: "ZeroTensors are immutable") or disagrees; the reason is kept in
             :attr:`strategy_fallback`. The choice changes only rounding, and it is deterministic, so the same seed
             gives the same results.
+        compile: evaluate the per-batch products and gradients through ``torch.compile`` (inductor; see
+            :mod:`hessspec.curvature.compiled`), under any strategy. Results differ from eager ones by rounding only.
+            Where compilation fails the operator runs eagerly, warns once and keeps the reason in
+            :attr:`compile_fallback`. "auto" checks torch.func on the first batch eagerly.
 
     Raises:
         ValueError: bad ``bn_mode``, empty data, unknown or empty parameter selection, both ``loss`` and
@@ -173,6 +174,7 @@ class HessianOperator:
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         vmap_chunk_size: int | None = None,
         block_strategy: str = "auto",
+        compile: bool = False,
     ) -> None:
         check_bn_mode(bn_mode)
         check_block_strategy(block_strategy)
@@ -201,6 +203,7 @@ class HessianOperator:
             block_strategy = "reverse" if (self.device.type == "cpu" and has_conv and batch_statistics) else "vmap"
         self.block_strategy = block_strategy
         self.strategy_fallback: str | None = None
+        self._compiled = CompiledFunctions(self.device, self.dtype) if compile else None
         self._strategy_settled = False
         self._loss_checked = False
 
@@ -271,19 +274,20 @@ class HessianOperator:
         """The batch's mean loss over its units (``scale`` = 1 / its units)."""
         return self.loss(self._forward(theta, batch), batch) * scale
 
-    def _batch_gradient(self, batch: Batch, scale: float, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if strategy != "reverse":
-            return grad_and_value(self._batch_loss)(self.theta, batch, scale)
-        theta = self.theta.detach().requires_grad_(True)
+    def _gradient_torch_func(self, theta: torch.Tensor, batch: Batch, scale: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad_and_value(self._batch_loss)(theta, batch, scale)
+
+    def _gradient_reverse(self, theta: torch.Tensor, batch: Batch, scale: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = self._batch_loss(theta, batch, scale)
             (g,) = torch.autograd.grad(loss, theta, allow_unused=True)
         return (torch.zeros_like(theta) if g is None else g), loss.detach()
 
-    def _batch_hvp_reverse(self, V: torch.Tensor, batch: Batch, scale: float) -> torch.Tensor:
+    def _hvp_reverse(self, theta: torch.Tensor, V: torch.Tensor, batch: Batch, scale: Any) -> torch.Tensor:
         # Reverse-over-reverse: the batch gradient's graph is built once, then each column costs one backward
         # through it (retained until the last column).
-        theta = self.theta.detach().requires_grad_(True)
+        theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad(self._batch_loss(theta, batch, scale), theta, create_graph=True)
         if not g.requires_grad:  # the loss is at most linear in the parameters: the Hessian is zero
@@ -292,23 +296,59 @@ class HessianOperator:
         cols = [torch.autograd.grad(g, theta, V[:, i], retain_graph=i < last)[0] for i in range(last + 1)]
         return torch.stack(cols, dim=1)
 
-    def _batch_hvp(self, V: torch.Tensor, batch: Batch, scale: float, strategy: str) -> torch.Tensor:
-        if strategy == "reverse":
-            return self._batch_hvp_reverse(V, batch, scale)
-
-        _load_jvp_decompositions()
-
-        def gradient(theta: torch.Tensor) -> torch.Tensor:
-            return grad(self._batch_loss)(theta, batch, scale)
+    def _hvp_torch_func(
+        self, theta: torch.Tensor, V: torch.Tensor, batch: Batch, scale: Any, strategy: str
+    ) -> torch.Tensor:
+        def gradient(t: torch.Tensor) -> torch.Tensor:
+            return grad(self._batch_loss)(t, batch, scale)
 
         def hvp(v: torch.Tensor) -> torch.Tensor:
-            return jvp(gradient, (self.theta,), (v,))[1]
+            return jvp(gradient, (theta,), (v,))[1]
 
         if V.shape[1] == 1:
             return hvp(V[:, 0]).unsqueeze(1)
         if strategy == "loop":
             return torch.stack([hvp(V[:, i]) for i in range(V.shape[1])], dim=1)
         return vmap(hvp, in_dims=1, out_dims=1, chunk_size=self.vmap_chunk_size)(V)
+
+    def _product_function(self, strategy: str) -> Callable[..., torch.Tensor]:
+        """The pure per-batch product ``(theta, V, batch, scale) -> H_b V`` of ``strategy``."""
+        if strategy == "reverse":
+            return self._hvp_reverse
+        return functools.partial(self._hvp_torch_func, strategy=strategy)
+
+    def _compiled_call(
+        self, compiled: CompiledFunctions, name: str, function: Callable[..., Any], batch: Batch, scale: float, *args
+    ) -> Any:
+        # The loss's one-off check of the model's output runs eagerly, before anything is traced.
+        if not self._loss_checked:
+            with torch.no_grad():
+                self._forward(self.theta, batch)
+        return compiled.call(
+            name,
+            function,
+            lambda: function(self.theta, *args, batch, scale),
+            self.theta,
+            *args,
+            batch,
+            compiled.scale(scale),
+            autograd=name.endswith("reverse"),
+        )
+
+    def _batch_gradient(self, batch: Batch, scale: float, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
+        function = self._gradient_reverse if strategy == "reverse" else self._gradient_torch_func
+        if self._compiled is None:
+            return function(self.theta, batch, scale)
+        kind = "reverse" if strategy == "reverse" else "torch.func"
+        return self._compiled_call(self._compiled, f"gradient {kind}", function, batch, scale)
+
+    def _batch_hvp(self, V: torch.Tensor, batch: Batch, scale: float, strategy: str) -> torch.Tensor:
+        if strategy != "reverse":
+            _load_jvp_decompositions()
+        function = self._product_function(strategy)
+        if self._compiled is None:
+            return function(self.theta, V, batch, scale)
+        return self._compiled_call(self._compiled, f"product {strategy}", function, batch, scale, V)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self._all_reduce(t) if self._all_reduce is not None else t
@@ -321,13 +361,16 @@ class HessianOperator:
         # derivative is O(1)).
         V = torch.randn(self.n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         V = V.to(device=self.device, dtype=self.dtype)
+        # Eager on both sides, also under ``compile``: the check is about torch.func's derivatives, which compiling
+        # does not change, and a compiled two-column product would compile a graph that nothing else uses.
+        _load_jvp_decompositions()
         try:
-            g, _ = self._batch_gradient(batch, scale, self.block_strategy)
-            HV = self._batch_hvp(V, batch, scale, self.block_strategy)
+            g, _ = self._gradient_torch_func(self.theta, batch, scale)
+            HV = self._hvp_torch_func(self.theta, V, batch, scale, self.block_strategy)
         except Exception as error:
             return f"torch.func failed: {_first_line(error)}"
-        g_ref, _ = self._batch_gradient(batch, scale, "reverse")
-        HV_ref = self._batch_hvp_reverse(V, batch, scale)
+        g_ref, _ = self._gradient_reverse(self.theta, batch, scale)
+        HV_ref = self._hvp_reverse(self.theta, V, batch, scale)
         tol = float(torch.finfo(self.dtype).eps) ** 0.5
         for name, a, b in (("gradient", g, g_ref), ("product", HV, HV_ref)):
             a, b = a.to(torch.float64), b.to(torch.float64)
@@ -368,20 +411,30 @@ class HessianOperator:
 
     # -- public operator interface -------------------------------------------------------------------------
     @property
+    def compile_fallback(self) -> str | None:
+        """Why products asked to be compiled ran eagerly (compilation failed, see
+        :mod:`hessspec.curvature.compiled`), or None."""
+        return None if self._compiled is None else self._compiled.fallback
+
+    @property
     def n(self) -> int:
         """Number of parameters spanned by the Hessian."""
         return self.shape[0]
 
     def recorded_settings(self) -> dict[str, Any]:
         """How the products are evaluated, as recorded with results: the loss, the resolved block strategy (and why
-        "auto" fell back to "reverse", if it did) and the attention kernel."""
+        "auto" fell back to "reverse", if it did), the attention kernel, whether products were compiled and why they
+        ran eagerly instead, if they did (``compile_fallback``)."""
         recorded: dict[str, Any] = {
             "loss": self.loss.name,
             "block_strategy": self.block_strategy,
             "attention_kernel": ATTENTION_KERNEL,
+            "compile": self._compiled is not None,
         }
         if self.strategy_fallback is not None:
             recorded["block_strategy_fallback"] = self.strategy_fallback
+        if self.compile_fallback is not None:
+            recorded["compile_fallback"] = self.compile_fallback
         return recorded
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,8 @@ class AnalysisJob:
             batch's mean over examples), instead of ``loss``.
         block_strategy: how the operator evaluates a block of probes ("auto", "vmap", "loop" or "reverse"; see
             :class:`~hessspec.curvature.hessian.HessianOperator`). It changes rounding only, so resuming ignores it.
+        compile: evaluate the per-batch products through ``torch.compile`` (see
+            :mod:`hessspec.curvature.compiled`). It changes rounding only, so resuming ignores it.
         data_placement: where the data live between passes: "auto", "device", "host" or "stream" (see
             :mod:`hessspec.data.placement`). It changes no number, so resuming ignores it.
         workers: loader worker processes of the "stream" placement.
@@ -71,6 +73,7 @@ class AnalysisJob:
     device: str = "auto"
     params: str | None = None
     block_strategy: str = "auto"
+    compile: bool = False
     loss: str | None = None
     loss_factory: str | None = None
     data_placement: str = "auto"
@@ -199,6 +202,8 @@ class AnalysisJob:
             config["data_root"] = data_root
         if self.tf32:  # recorded only when on, so files written before the option resume
             config["tf32"] = True
+        if self.compile:  # likewise
+            config["compile"] = True
         if world_size > 1:
             config["world_size"] = world_size
         if self.label is not None:

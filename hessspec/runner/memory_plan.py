@@ -151,6 +151,7 @@ def make_plan(prepared, *, timed: bool = False) -> MemoryPlan:
         params=prepared.selector,
         dtype=prepared.dtype,
         block_strategy=prepared.job.block_strategy,
+        compile=prepared.job.compile,
         loss=prepared.loss,
     )
     V = torch.randn(operator.n, plan.columns_per_pass, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -46,6 +46,7 @@ NON_NUMERIC_CONFIG_KEYS = (
     "data_placement",
     "workers",
     "block_strategy",
+    "compile",
     "num_workers",
     "shard",
     "shard_index",
