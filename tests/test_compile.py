@@ -9,6 +9,7 @@ and a gradient graph (one more of each for a smaller last batch), and the models
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import warnings
 
@@ -181,3 +182,18 @@ def test_cli_compile_records_it_with_the_results(tmp_path):
     scale = abs(eager.top_eigenvalues).max()
     assert abs(compiled.top_eigenvalues - eager.top_eigenvalues).max() <= 1e-12 * scale
     assert abs(compiled.loss - eager.loss) <= 1e-14 * eager.loss
+
+
+def test_a_failure_inside_torch_falls_back_quietly(monkeypatch, capfd, caplog):
+    # Why the operator compiles with static shapes (dynamic=False): with symbolic sizes, tracing the forward-mode
+    # derivative of a convolution fails inside torch 2.14 (``_new_zeros_with_same_feature_meta`` cannot take
+    # symbolic sizes), and torch logs that with C++ and Python tracebacks before raising. The user sees one warning.
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: compile_(function, **{**kwargs, "dynamic": True}))
+    torch.manual_seed(0)
+    model = tiny_cnn(bn=False)
+    x, y = torch.randn(10, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    (warning,) = eager_fallback(model, make_batches(x, y, 5))
+    assert "product vmap" in str(warning.message)
+    assert "Traceback" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -7,7 +7,9 @@ What is compiled is the operator's pure per-batch function, ``(theta, V, batch, 
 warning). The default inductor backend compiles each function with ``fullgraph=True``: under a torch.func transform
 Dynamo cannot split a graph, and without ``fullgraph`` a model with a graph break would run wholly eagerly without a
 word (measured: zero graphs compiled). ``dynamic=False``: one graph per shape (the full batches, a smaller last
-batch, each block width), static shapes being what inductor makes fastest; a new shape recompiles once.
+batch, each block width); a new shape recompiles once. Symbolic shapes are no option here: on torch 2.14 tracing
+the forward-mode derivative of a convolution with a symbolic batch size fails inside torch
+(``_new_zeros_with_same_feature_meta``), so with dynamic shapes a CNN would not compile at all.
 
 The batch's ``scale`` (1 / its units) enters as a 0-d tensor, so a batch with another number of units (a smaller
 last batch, token counts of a language model) does not recompile for a new constant, and the arithmetic is the
@@ -23,8 +25,9 @@ recompiles), the operator falls back to its eager functions for good, with one o
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -54,6 +57,24 @@ def can_trace_autograd() -> bool:
     return hasattr(_dynamo.config, "trace_autograd_ops")
 
 
+@contextlib.contextmanager
+def _quiet_logging() -> Iterator[None]:
+    # While Dynamo and inductor compile, some of their failures are logged (with C++ and Python tracebacks, at level
+    # ERROR) before they are raised; the fallback says it in one line instead.
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    from torch.utils._pytree import tree_leaves
+
+    return tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else type(a) for a in tree_leaves(args))
+
+
 class CompiledFunctions:
     """Compiled versions of an operator's per-batch functions, with one fallback to the eager ones.
 
@@ -68,6 +89,7 @@ class CompiledFunctions:
         self.fallback: str | None = None
         self._functions: dict[str, Callable[..., Any]] = {}
         self._scales: dict[float, torch.Tensor] = {}
+        self._seen: set[tuple[Any, ...]] = set()  # (name, shapes) of the calls made: a new one compiles
 
     def scale(self, value: float) -> torch.Tensor:
         """``value`` as a 0-d tensor on the device (one per distinct value: no copy per batch)."""
@@ -109,7 +131,10 @@ class CompiledFunctions:
             from torch import _dynamo
 
             tracing = _dynamo.config.patch(trace_autograd_ops=True) if autograd else contextlib.nullcontext()
-            with tracing:
+            key = (name, _signature(args))
+            compiles = key not in self._seen
+            self._seen.add(key)
+            with tracing, _quiet_logging() if compiles else contextlib.nullcontext():
                 return compiled(*args)
         except Exception as error:  # any failure to compile or to run compiled: eager, said once
             self.disable(f"torch.compile failed ({name}): {first_line(error)}")
