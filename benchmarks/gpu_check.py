@@ -240,7 +240,8 @@ def main() -> None:
             device, sizes["batch_size"], sizes["examples"], sizes["steps"], sizes["probes"], sizes["timed_batches"]
         )
     write()
-    for row in rows:
+    # float32 of both models first (BN against no BN), then bfloat16: the cells that fit the budget run.
+    for row in sorted(rows, key=lambda r: (r["label"] != "float32", r["batch_norm"])):
         if row["label"] not in COMPILED or "failed" in row:
             continue
         if args.tiny and (row["batch_norm"] or row["label"] != "float32"):
