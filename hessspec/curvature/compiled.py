@@ -9,7 +9,10 @@ Dynamo cannot split a graph, and without ``fullgraph`` a model with a graph brea
 word (measured: zero graphs compiled). ``dynamic=False``: one graph per shape (the full batches, a smaller last
 batch, each block width); a new shape recompiles once. Symbolic shapes are no option here: on torch 2.14 tracing
 the forward-mode derivative of a convolution with a symbolic batch size fails inside torch
-(``_new_zeros_with_same_feature_meta``), so with dynamic shapes a CNN would not compile at all.
+(``_new_zeros_with_same_feature_meta``), so with dynamic shapes a CNN would not compile at all. A new operator on
+the same model and shapes (the next checkpoint) reuses the graphs: weights are inputs, not constants. Dynamo keeps
+at most ``recompile_limit`` (8) graphs per function; a process that goes past it (many models, shapes or dtypes)
+gets the fallback below, not silently eager products.
 
 The batch's ``scale`` (1 / its units) enters as a 0-d tensor, so a batch with another number of units (a smaller
 last batch, token counts of a language model) does not recompile for a new constant, and the arithmetic is the
