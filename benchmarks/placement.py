@@ -41,14 +41,15 @@ finally:
 """
 
 
-def write_folder(root: Path, size: int) -> None:
+def write_folder(root: Path, size: int, side: int = 8) -> None:
+    """``size`` random RGB PNG images of ``side`` x ``side`` pixels in 10 class folders under ``root``."""
     from PIL import Image
 
     rng = np.random.default_rng(size)
     for index in range(size):
         folder = root / f"c{index % 10}"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(folder / f"{index:06d}.png")
+        Image.fromarray(rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)).save(folder / f"{index:06d}.png")
 
 
 def write_checkpoint(path: Path) -> None:
@@ -67,8 +68,13 @@ def run(folder: Path, checkpoint: Path, placement: str, out: Path) -> dict:
         "--no-crosscheck", "--data-placement", placement, "--workers", "2", "--device", "cpu", "-q", "--force",
         "--out", str(out),
     ]  # fmt: skip
+    return run_child(CHILD, args)
+
+
+def run_child(code: str, args: list[str]) -> dict:
+    """Run ``python -c code *args`` in a fresh process (one thread) and return the JSON of its ``RESULT`` line."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=False)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
         raise RuntimeError(done.stderr[-2000:])

@@ -30,7 +30,9 @@ Configurations (``--model``):
 
 Run:  python benchmarks/vs_peers.py [--quick] [--model cnn|resnet32] [--device cpu|cuda] [--settings 90x10,20x3]
       [--examples 2048] [--repeats 1] [--tools hessspec,pyhessian,curvlinops] [--hvp-strategy auto|vmap|loop|reverse]
-Timings are wall times of one run each (median and spread over ``--repeats``); record them in
+      [--threads N]
+Timings are wall times of one run each (median and spread over ``--repeats``), with the process's CPU time beside
+them (user + system: with ``--threads 1`` it shows whether another process shared the core); record them in
 benchmarks/RESULTS.md with the machine and its load.
 """
 
@@ -41,6 +43,7 @@ import contextlib
 import copy
 import importlib.util
 import os
+import resource
 import statistics
 import time
 import warnings
@@ -156,6 +159,11 @@ def run_curvlinops(model, batches, steps: int, probes: int, device: torch.device
     return {"s": time.perf_counter() - t0, "lambda1": top}
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _median(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
@@ -200,10 +208,13 @@ def bench_config(
 
     for steps, probes in settings:
         times: dict[str, list[float]] = {name: [] for name, _ in runners}
+        cpu: dict[str, list[float]] = {name: [] for name, _ in runners}
         extra: dict[str, dict] = {}
         for _ in range(repeats):
             for name, run in runners:
+                c0 = _cpu_seconds()
                 out = run(steps, probes)
+                cpu[name].append(_cpu_seconds() - c0)
                 times[name].append(out["s"])
                 extra.setdefault(name, out)
                 if "hvp_s" in out:
@@ -218,7 +229,8 @@ def bench_config(
                 else f"{med / (steps * probes) / grad:.2f}x (whole SLQ)"
             )
             log(
-                f"| {label} | {steps}x{probes} | {name} | {_fmt(times[name])} | {med / reference:.2f} | {column} | "
+                f"| {label} | {steps}x{probes} | {name} | {_fmt(times[name])} | {_fmt(cpu[name])} | "
+                f"{med / reference:.2f} | {column} | "
                 f"{extra[name]['lambda1']:.4g} |"
             )
 
@@ -255,8 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bn", choices=("both", "without", "with"), default="both")
     parser.add_argument("--hvp-strategy", choices=BLOCK_STRATEGIES, default="auto", help="hessspec's block_strategy")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 examples, 2x2 only")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     tuned = device.type == "cpu" and tune_cpu_allocator()
     examples = args.examples or (2048 if args.model == "cnn" else 512)
@@ -282,8 +297,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     for peer in missing:
         print(f"# {peer}: not importable, not run (pip install -e '.[bench]')")
-    print("| model | m x p | tool | wall time (s) | time / first row | per column / gradient | top Ritz value |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| model | m x p | tool | wall time (s) | CPU time (s) | wall time / first row | per column / gradient | "
+        "top Ritz value |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     batches = synthetic_cifar_batches(examples, batch_size, device=device)
     for batch_norm in {"both": (False, True), "without": (False,), "with": (True,)}[args.bn]:
         torch.manual_seed(0)

@@ -206,7 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tiny:
         args.steps, args.first_checkpoint, args.width, args.layers, args.heads = 4, 2, 8, 1, 2
         args.seq_len, args.characters, args.batch_size, args.samples = 16, 2_000, 4, 8
-        args.lanczos_steps, args.probes, args.top_k, args.log_every = 5, 1, 3, 1
+        args.lanczos_steps, args.probes, args.top_k, args.log_every = 6, 1, 3, 1
     return args
 
 

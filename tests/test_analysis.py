@@ -24,7 +24,7 @@ def digits_problem():
     op = HessianOperator(model, ref.make_batches(x, y, 500))
     H = op.to_dense()
     evals, evecs = torch.linalg.eigh(H)
-    result = analyze(op, AnalysisSettings(lanczos_steps=90, probes=10, top_k=20, seed=0))
+    result = analyze(op, AnalysisSettings(lanczos_steps=90, probes=10, top_k=20, seed=0, gradient_crosscheck=True))
     gradient = op.loss_and_gradient().gradient
     return model, op, H, evals.flip(0), evecs.flip(1), gradient, result
 

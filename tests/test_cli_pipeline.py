@@ -170,8 +170,10 @@ def test_memory_is_checked_inside_a_sync_block_before_the_data_passes(ckpts, tmp
     with pytest.raises(MemoryError, match="9.00 GiB"):
         run(job(), [ckpts / "ckpt_00020.pt"], tmp_path / "o.h5", sync=sync)
     assert seen == [("checking memory for step 20", "MemoryError")]
-    # The estimate of analysis.analyze: every parameter, the probes plus the gradient chain, on the model's device.
-    assert calls == [(64 * 8 + 8 + 8 * 10 + 10, SETTINGS.probes + 1, torch.device("cpu"), ())]
+    # The estimate of analysis.analyze: every parameter, the probes (no gradient chain by default), on the model's
+    # device.
+    assert not SETTINGS.gradient_crosscheck
+    assert calls == [(64 * 8 + 8 + 8 * 10 + 10, SETTINGS.probes, torch.device("cpu"), ())]
     assert load_results(tmp_path / "o.h5").steps == ()
 
 

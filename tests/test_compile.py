@@ -82,14 +82,15 @@ def test_mlp_with_batchnorm_in_train_mode_and_a_smaller_last_batch():
 
 @pytest.mark.parametrize("bn_mode", [pytest.param("train", marks=pytest.mark.slow), "eval"])
 def test_cnn_with_batchnorm(bn_mode):
-    # "auto" resolves to "reverse" on the CPU for a CNN with BN in train mode (the double backward is compiled,
-    # traced with trace_autograd_ops), to "vmap" in eval mode (torch.func compiled).
+    # Train mode under "reverse" (the double backward is compiled, traced with trace_autograd_ops); eval mode under
+    # "auto", which resolves to "vmap" (torch.func compiled).
     torch.manual_seed(0)
     model = tiny_cnn(bn=True)
     x, y = torch.randn(12, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
     warm_running_stats(model, x)
+    strategy = "reverse" if bn_mode == "train" else "auto"
     op = compare(
-        model, make_batches(x, y, 6), bn_mode, "auto", columns=2
+        model, make_batches(x, y, 6), bn_mode, strategy, columns=2
     )  # the double backward's graph grows per column
     assert op.block_strategy == ("reverse" if bn_mode == "train" else "vmap")
 

@@ -41,7 +41,7 @@ from hessspec.store import load_results
 
 WORLD = 2
 BN_MODES = ("train", "population")
-SETTINGS = AnalysisSettings(lanczos_steps=15, probes=2, top_k=4, seed=3)
+SETTINGS = AnalysisSettings(lanczos_steps=15, probes=2, top_k=4, seed=3, gradient_crosscheck=True)
 SAMPLES, BATCH = 150, 32  # 5 batches, the last of 22: ranks hold 2 and 3 batches of unequal total size
 
 

@@ -181,6 +181,43 @@ def test_determinism_check_catches_randomness():
     HessianOperator(_model("mlp", True), [(x, y)]).check_determinism()
 
 
+@pytest.mark.parametrize("strategy", ["vmap", "loop", "reverse"])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_determinism_check_rides_on_the_next_product_pass(strategy, chunk):
+    """expect_gradient: the next product pass compares the batch gradients it computes on the way (weighted exactly,
+    with an unequal last batch) with the given gradient, changes no product bit, and adds no pass of its own."""
+    x, y = _data("mlp")
+    op = HessianOperator(_model("mlp", True), ref.make_batches(x, y, 7), block_strategy=strategy, vmap_chunk_size=chunk)
+    g = op.loss_and_gradient().gradient
+    V = torch.randn(op.n, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    plain = op.matmat(V)
+    calls = []
+    handle = op._model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        op.expect_gradient(g)
+        checked = op.matmat(V)
+    finally:
+        handle.remove()
+    assert torch.equal(checked, plain)
+    # As many forwards per batch as without the check: one per column under loop, one per chunk of columns under
+    # vmap, one under reverse.
+    forwards = {"loop": V.shape[1], "vmap": -(-V.shape[1] // (chunk or V.shape[1])), "reverse": 1}[strategy]
+    assert len(calls) == forwards * len(op.batches)
+    # A gradient that differs by 1e-9 relative (above the float64 tolerance of 1e-10) is caught, once.
+    op.expect_gradient(g * (1 + 1e-9))
+    with pytest.raises(DeterminismError, match="different gradients"):
+        op.matmat(V)
+    op.matmat(V)  # the check is spent
+
+
+def test_determinism_check_on_the_product_pass_catches_randomness():
+    x, y = _data("mlp")
+    op = HessianOperator(_Noisy(), [(x, y)], block_strategy="reverse")
+    op.expect_gradient(op.loss_and_gradient().gradient)
+    with pytest.raises(DeterminismError, match="different gradients"):
+        op.matmat(torch.ones(op.n, 1, dtype=torch.float64))
+
+
 def test_bad_input_raises_clear_errors():
     x, y = _data("mlp")
     model = _model("mlp", True)
@@ -221,11 +258,24 @@ def test_to_scipy_agrees():
 def test_block_strategy_choice():
     model = _model("cnn", True)
     batches = ref.make_batches(*_data("cnn"), BATCH)
-    assert HessianOperator(model, batches).block_strategy == "reverse"  # CPU + convolutions + BN batch statistics
+    assert HessianOperator(model, batches).block_strategy == "vmap"
     assert HessianOperator(model, batches, bn_mode="eval").block_strategy == "vmap"
     assert HessianOperator(model, batches, bn_mode="population").block_strategy == "vmap"
     assert HessianOperator(_model("cnn", False), batches).block_strategy == "vmap"
     assert HessianOperator(_model("mlp", True), ref.make_batches(*_data("mlp"), BATCH)).block_strategy == "vmap"
+    # Attention on the CPU: reverse-over-reverse.
+    attention = nn.MultiheadAttention(6, 2, batch_first=True).double()
+
+    class _Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention, self.head = attention, nn.Linear(6, 3).double()
+
+        def forward(self, x):
+            return self.head(self.attention(x, x, x, need_weights=False)[0].mean(1))
+
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    assert HessianOperator(_Attend(), [(x, torch.tensor([0, 1, 2, 0]))]).block_strategy == "reverse"
     with pytest.raises(ValueError, match="block_strategy"):
         HessianOperator(model, batches, block_strategy="fast")
 

@@ -158,13 +158,15 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
 
     checkpoints = write_checkpoints(tmp_path / "ckpts", steps=(0, 40))
     out = tmp_path / "res" / "run.h5"
-    args = ["analyze", str(tmp_path / "ckpts"), *MODEL, *SETTINGS, "--probes-per-pass", "2", "--dry-run"]
+    args = ["analyze", str(tmp_path / "ckpts"), *MODEL, *SETTINGS, "--crosscheck", "--probes-per-pass", "2"]
+    args.append("--dry-run")
     result = CliRunner().invoke(cli, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert lines[0].startswith("memory plan: data ") and "bases " in lines[0] and "2 column(s) per pass" in lines[0]
-    # 2 probes + the gradient chain in groups of 2: 10 steps x 2 rounds + 2 gradient passes.
-    assert lines[1].startswith("estimated time per checkpoint: ") and "2 batches x 22 passes" in lines[1]
+    # 2 probes + the gradient chain in groups of 2: 10 steps x 2 rounds + 1 gradient pass (the determinism check
+    # rides on the first product pass).
+    assert lines[1].startswith("estimated time per checkpoint: ") and "2 batches x 21 passes" in lines[1]
     assert "2 checkpoint(s) planned" in lines[1] and len(checkpoints) == 2
     assert not out.exists() and not out.parent.exists()
 

@@ -48,25 +48,29 @@ def test_chain_groups():
 @pytest.mark.parametrize(("model_fn", "bn"), [(ref.tiny_mlp, True), (ref.tiny_cnn, False)])
 def test_probes_per_pass_changes_no_bit(model_fn, bn, strategy):
     op = _problem(model_fn, bn, strategy)
-    settings = AnalysisSettings(lanczos_steps=24, probes=4, top_k=6, seed=2)
+    settings = AnalysisSettings(lanczos_steps=24, probes=4, top_k=6, seed=2, gradient_crosscheck=True)
     whole = analyze(op, settings)
     for group in (1, 2, 3):
-        grouped = analyze(op, AnalysisSettings(24, 4, 6, seed=2, probes_per_pass=group))
+        grouped = analyze(op, AnalysisSettings(24, 4, 6, seed=2, probes_per_pass=group, gradient_crosscheck=True))
         _assert_same(whole, grouped)
 
 
 def test_probes_per_pass_progress_counts_every_pass():
     op = _problem(ref.tiny_mlp, False, "reverse")
     seen = []
-    analyze(op, AnalysisSettings(10, 3, 4, probes_per_pass=2), progress=lambda done, total: seen.append((done, total)))
+    analyze(
+        op,
+        AnalysisSettings(10, 3, 4, probes_per_pass=2, gradient_crosscheck=True),
+        progress=lambda done, total: seen.append((done, total)),
+    )
     # 3 probes + the gradient chain in groups of 2: two groups of 10 steps.
     assert seen[-1] == (20, 20) and len(seen) == 20
 
 
 def test_more_probes_extend_fewer():
     op = _problem(ref.tiny_mlp, True, "reverse")
-    two = analyze(op, AnalysisSettings(20, 2, 5, seed=4))
-    three = analyze(op, AnalysisSettings(20, 3, 5, seed=4))
+    two = analyze(op, AnalysisSettings(20, 2, 5, seed=4, gradient_crosscheck=True))
+    three = analyze(op, AnalysisSettings(20, 3, 5, seed=4, gradient_crosscheck=True))
     assert np.array_equal(two.nodes, three.nodes[:2]) and np.array_equal(two.weights, three.weights[:2])
     # The top pairs come from the union of all chains' Krylov spaces: a third chain enlarges it, so each top Ritz
     # value can only rise towards its eigenvalue (Cauchy interlacing), up to what the union drops as dependent

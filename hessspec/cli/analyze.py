@@ -296,7 +296,11 @@ class _Reporter:
     "parameter tensor, one per module, or the parameters whose names match REGEX. Parameters in no group are left "
     "out of the blocks; overlapping groups are an error.",
 )  # fmt: skip
-@click.option("--no-crosscheck", is_flag=True, help="Skip the Lanczos chain started from the gradient.")
+@click.option(
+    "--crosscheck/--no-crosscheck", default=False, show_default=True,
+    help="Also run a Lanczos chain started from the gradient (its spectral measure, an independent check of the "
+    "overlap; one more column in every product).",
+)  # fmt: skip
 @click.option(
     "--data-placement", type=click.Choice(["auto", "device", "host", "stream"]), default="auto",
     help="Where the data live between passes: stacked on the device, stacked in host memory (copied batch by batch, "
@@ -371,7 +375,7 @@ def analyze(
     compile_products: bool,
     curvatures: tuple[str, ...],
     blocks: tuple[str, ...],
-    no_crosscheck: bool,
+    crosscheck: bool,
     data_placement: str,
     workers: int,
     basis_placement: str,
@@ -429,7 +433,7 @@ def analyze(
             seed=seed,
             basis_dtype=basis_dtype,
             basis_device=basis_device,
-            gradient_crosscheck=not no_crosscheck,
+            gradient_crosscheck=crosscheck,
             probes_per_pass=probes_per_pass,
             curvatures=tuple(dict.fromkeys(curvatures)),
             blocks=_check_blocks(blocks),
@@ -514,7 +518,7 @@ def _dry_run(job, checkpoints: tuple[str, ...], step: int | None, unsafe: bool) 
         plan, prepared, planned = dry_run(job, checkpoints, explicit_step=step, unsafe=unsafe)
     click.echo(plan.line())
     seconds = plan.seconds_per_checkpoint()
-    passes = 2 + plan.lanczos_steps * plan.rounds
+    passes = 1 + plan.lanczos_steps * plan.rounds
     click.echo(
         f"estimated time per checkpoint: {format_duration(seconds)} ({len(planned)} checkpoint(s) planned; from one "
         f"timed batch of step {planned[0].step} on {plan.device}: product {plan.product_s:.3g} s with "

@@ -193,6 +193,7 @@ class CurvatureOperator(HessianOperator):
             return self._accumulate(per_batch, (self.n, total))
 
         acc = self._reduce(self._run(compute))
+        self._finish_gradient_check()
         split = dict(zip(("H", "G", "F"), acc.split([widths["H"], widths["G"], widths["F"]], dim=1), strict=True))
         taken = {kind: 0 for kind in split}
         per_kind: dict[tuple[str, str], torch.Tensor] = {}

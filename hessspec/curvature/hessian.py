@@ -26,7 +26,6 @@ from hessspec.curvature.losses import Loss, MeanLoss, get_loss
 from hessspec.curvature.problem import (
     ATTENTION_KERNEL,
     Batch,
-    batch_norm_layers,
     batch_size,
     check_bn_mode,
     exact_attention,
@@ -39,6 +38,12 @@ from hessspec.data.placement import BatchSource, as_batch_source, batch_to
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BLOCK_STRATEGIES = ("auto", "vmap", "loop", "reverse")
 ParamSelector = Sequence[str] | Callable[[str, nn.Parameter], bool] | None
+
+
+def _has_attention(model: nn.Module) -> bool:
+    """Whether ``model`` holds an attention layer (``nn.MultiheadAttention``, or a module named ``*Attention*``, as
+    Hugging Face and timm name theirs)."""
+    return any(isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__ for m in model.modules())
 
 
 class DeterminismError(RuntimeError):
@@ -136,11 +141,11 @@ class HessianOperator:
         block_strategy: how a block's columns are evaluated: "vmap" (one vectorised forward-over-reverse pass, the
             primal computed once for all columns), "loop" (one forward-over-reverse pass per column), "reverse"
             (plain autograd: the batch gradient's graph is built once, then one backward through it per column;
-            works for any twice-differentiable model and loss), or "auto": "reverse" on the CPU for
-            convolutional models with BatchNorm in "train" mode, where vmap carries p copies of every activation
-            through the batch-statistics derivatives and measured 2.0-4.5x a gradient per column, against 1.8-3.0x
-            for "reverse", "vmap" otherwise (without BN, or BN in "eval"/"population" mode: 0.5-1.5x against
-            1.4-1.9x for "reverse"; benchmarks/RESULTS.md). Before its first product "auto"
+            works for any twice-differentiable model and loss), or "auto": "reverse" on the CPU for models with
+            attention (a tiny GPT-2 measured 1.9-2.2x a gradient per column against 2.0-2.4x for "vmap"), "vmap"
+            otherwise (the CIFAR CNN of benchmarks/vs_peers.py at 11 columns, one thread: 1.42x against 1.51x
+            without BN, 1.91x against 2.26x with BN in train mode, 1.46x against 1.66x in eval mode;
+            benchmarks/RESULTS.md). Before its first product "auto"
             checks torch.func on the first batch against "reverse" (the gradient and a two-column product) and
             switches to "reverse" when torch.func fails in any way (an ``autograd.Function`` without
             ``setup_context``, an op or a built-in loss without a forward-mode derivative, e.g. ``F.huber_loss``;
@@ -198,14 +203,18 @@ class HessianOperator:
         self.param_names = _select(model, params)
         self._auto = block_strategy == "auto"
         if block_strategy == "auto":
-            has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-            batch_statistics = bn_mode == "train" and bool(batch_norm_layers(model))
-            block_strategy = "reverse" if (self.device.type == "cpu" and has_conv and batch_statistics) else "vmap"
+            block_strategy = "reverse" if (self.device.type == "cpu" and _has_attention(model)) else "vmap"
         self.block_strategy = block_strategy
         self.strategy_fallback: str | None = None
         self._compiled = CompiledFunctions(self.device, self.dtype) if compile else None
         self._strategy_settled = False
         self._loss_checked = False
+        # The determinism check riding on the next product pass (expect_gradient): the gradient to compare with and
+        # its tolerance; the batch gradient the current batch's product computed on the way; the weighted sum of
+        # those over the last accumulated pass, and whether every batch contributed one.
+        self._expected_gradient: tuple[torch.Tensor, float] | None = None
+        self._batch_grad: torch.Tensor | None = None
+        self._pass_gradient: tuple[torch.Tensor, bool] | None = None
 
         self._model = functional_copy(model, bn_mode, self.dtype)
         self.batches = as_batch_source(batches, self.device, self.dtype)
@@ -251,10 +260,25 @@ class HessianOperator:
                 yield batch, scale, weight
 
     def _accumulate(self, per_batch: Callable[[Batch, float], torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
-        """``sum_b weight_b * per_batch(b, scale_b)`` in float64 over this process's batches (not yet reduced)."""
+        """``sum_b weight_b * per_batch(b, scale_b)`` in float64 over this process's batches (not yet reduced).
+
+        While a determinism check is pending (:meth:`expect_gradient`), the batch gradients that the products
+        compute on the way (``_batch_grad``) are summed alike into ``_pass_gradient``.
+        """
         out = torch.zeros(tuple(shape), dtype=torch.float64, device=self.device)
+        checking = self._expected_gradient is not None
+        gradient = torch.zeros(self.n, dtype=torch.float64, device=self.device) if checking else None
+        complete = True
         for batch, scale, weight in self._weighted_batches():
+            self._batch_grad = None
             out.add_(per_batch(batch, scale).to(torch.float64), alpha=weight)
+            if gradient is not None:
+                if self._batch_grad is None:
+                    complete = False
+                else:
+                    gradient.add_(self._batch_grad.to(torch.float64), alpha=weight)
+            self._batch_grad = None
+        self._pass_gradient = (gradient, complete) if gradient is not None else None
         return out
 
     # -- functional pieces: pure per-batch functions ---------------------------------------------------------------
@@ -284,35 +308,43 @@ class HessianOperator:
             (g,) = torch.autograd.grad(loss, theta, allow_unused=True)
         return (torch.zeros_like(theta) if g is None else g), loss.detach()
 
-    def _hvp_reverse(self, theta: torch.Tensor, V: torch.Tensor, batch: Batch, scale: Any) -> torch.Tensor:
+    def _hvp_reverse(
+        self, theta: torch.Tensor, V: torch.Tensor, batch: Batch, scale: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # Reverse-over-reverse: the batch gradient's graph is built once, then each column costs one backward
-        # through it (retained until the last column).
+        # through it (retained until the last column). Returns (the batch gradient, H_b V).
         theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad(self._batch_loss(theta, batch, scale), theta, create_graph=True)
         if not g.requires_grad:  # the loss is at most linear in the parameters: the Hessian is zero
-            return torch.zeros_like(V)
+            return g.detach(), torch.zeros_like(V)
         last = V.shape[1] - 1
         cols = [torch.autograd.grad(g, theta, V[:, i], retain_graph=i < last)[0] for i in range(last + 1)]
-        return torch.stack(cols, dim=1)
+        return g.detach(), torch.stack(cols, dim=1)
 
     def _hvp_torch_func(
         self, theta: torch.Tensor, V: torch.Tensor, batch: Batch, scale: Any, strategy: str
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Returns (the batch gradient, H_b V): the gradient is the primal of the jvp, computed anyway.
         def gradient(t: torch.Tensor) -> torch.Tensor:
             return grad(self._batch_loss)(t, batch, scale)
 
-        def hvp(v: torch.Tensor) -> torch.Tensor:
-            return jvp(gradient, (theta,), (v,))[1]
+        def hvp(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return jvp(gradient, (theta,), (v,))  # (the batch gradient, H_b v)
 
-        if V.shape[1] == 1:
-            return hvp(V[:, 0]).unsqueeze(1)
-        if strategy == "loop":
-            return torch.stack([hvp(V[:, i]) for i in range(V.shape[1])], dim=1)
-        return vmap(hvp, in_dims=1, out_dims=1, chunk_size=self.vmap_chunk_size)(V)
+        if V.shape[1] == 1 or strategy == "loop":
+            g, first = hvp(V[:, 0])
+            return g, torch.stack([first, *(hvp(V[:, i])[1] for i in range(1, V.shape[1]))], dim=1)
+        # In chunks of columns, as vmap's chunk_size would (it cannot return the unbatched gradient beside them).
+        width = self.vmap_chunk_size or V.shape[1]
+        parts = []
+        for start in range(0, V.shape[1], width):
+            g, HV = vmap(hvp, in_dims=1, out_dims=(None, 1))(V[:, start : start + width])
+            parts.append(HV)
+        return g, (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
 
-    def _product_function(self, strategy: str) -> Callable[..., torch.Tensor]:
-        """The pure per-batch product ``(theta, V, batch, scale) -> H_b V`` of ``strategy``."""
+    def _product_function(self, strategy: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """The pure per-batch product ``(theta, V, batch, scale) -> (batch gradient, H_b V)`` of ``strategy``."""
         if strategy == "reverse":
             return self._hvp_reverse
         return functools.partial(self._hvp_torch_func, strategy=strategy)
@@ -347,8 +379,12 @@ class HessianOperator:
             _load_jvp_decompositions()
         function = self._product_function(strategy)
         if self._compiled is None:
-            return function(self.theta, V, batch, scale)
-        return self._compiled_call(self._compiled, f"product {strategy}", function, batch, scale, V)
+            g, HV = function(self.theta, V, batch, scale)
+        else:
+            g, HV = self._compiled_call(self._compiled, f"product {strategy}", function, batch, scale, V)
+        # The batch gradient came with the product, for the determinism check (expect_gradient), at no extra cost.
+        self._batch_grad = g.detach()
+        return HV
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self._all_reduce(t) if self._all_reduce is not None else t
@@ -366,11 +402,11 @@ class HessianOperator:
         _load_jvp_decompositions()
         try:
             g, _ = self._gradient_torch_func(self.theta, batch, scale)
-            HV = self._hvp_torch_func(self.theta, V, batch, scale, self.block_strategy)
+            HV = self._hvp_torch_func(self.theta, V, batch, scale, self.block_strategy)[1]
         except Exception as error:
             return f"torch.func failed: {_first_line(error)}"
         g_ref, _ = self._gradient_reverse(self.theta, batch, scale)
-        HV_ref = self._hvp_reverse(self.theta, V, batch, scale)
+        HV_ref = self._hvp_reverse(self.theta, V, batch, scale)[1]
         tol = float(torch.finfo(self.dtype).eps) ** 0.5
         for name, a, b in (("gradient", g, g_ref), ("product", HV, HV_ref)):
             a, b = a.to(torch.float64), b.to(torch.float64)
@@ -446,7 +482,9 @@ class HessianOperator:
         def compute(strategy: str) -> torch.Tensor:
             return self._accumulate(lambda batch, scale: self._batch_hvp(Vc, batch, scale, strategy), V.shape)
 
-        return self._reduce(self._run(compute))
+        out = self._reduce(self._run(compute))
+        self._finish_gradient_check()
+        return out
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``H @ V`` for a block ``V`` of shape [n, p]; float64 [n, p] on the operator's device."""
@@ -491,6 +529,9 @@ class HessianOperator:
             raise FloatingPointError(msg)
         return LossAndGradient(float(acc[-1]), acc[:-1])
 
+    def _default_rtol(self) -> float:
+        return {torch.float64: 1e-10, torch.float32: 1e-4}.get(self.dtype, 1e-2)
+
     def check_determinism(self, gradient: torch.Tensor | None = None, rtol: float | None = None) -> None:
         """Compute the gradient again and compare with ``gradient`` (or a first pass).
 
@@ -499,10 +540,33 @@ class HessianOperator:
                 1e-2 in bfloat16;
                 loose enough for nondeterministic GPU reductions, far below what augmentation or dropout cause).
         """
-        if rtol is None:
-            rtol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(self.dtype, 1e-2)
+        rtol = self._default_rtol() if rtol is None else rtol
         first = self.loss_and_gradient().gradient if gradient is None else gradient
-        second = self.loss_and_gradient().gradient
+        self._compare_gradients(first, self.loss_and_gradient().gradient, rtol)
+
+    def expect_gradient(self, gradient: torch.Tensor, rtol: float | None = None) -> None:
+        """Check determinism on the next product pass instead of a pass of its own.
+
+        Every Hessian product computes each batch's gradient on the way (the primal of forward-over-reverse, the
+        first backward of reverse-over-reverse); the next :meth:`matmat` (or ``products``) sums them with the
+        exact batch weights and compares the sum with ``gradient``, as :meth:`check_determinism` would, and
+        raises :class:`DeterminismError` after that pass. A pass that computes no Hessian column on some batch
+        (e.g. Gauss-Newton columns alone) falls back to :meth:`check_determinism`'s own gradient pass.
+        """
+        self._expected_gradient = (gradient.to(device=self.device, dtype=torch.float64), rtol or self._default_rtol())
+
+    def _finish_gradient_check(self) -> None:
+        if self._expected_gradient is None:
+            return
+        expected, rtol = self._expected_gradient
+        self._expected_gradient = None
+        passed, self._pass_gradient = self._pass_gradient, None
+        if passed is None or not passed[1]:  # the same on every process: the same code ran on each
+            self.check_determinism(expected, rtol)
+            return
+        self._compare_gradients(expected, self._reduce(passed[0]), rtol)
+
+    def _compare_gradients(self, first: torch.Tensor, second: torch.Tensor, rtol: float) -> None:
         scale = torch.linalg.vector_norm(first)
         diff = torch.linalg.vector_norm(first - second)
         if float(diff) > rtol * float(scale):

@@ -79,12 +79,13 @@ def converged_pairs(residuals: np.ndarray, norm_estimate: float, tol: float = RE
     return np.isfinite(residuals) & (residuals <= tol * float(norm_estimate))
 
 
-def _iter_chunks(flat: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(start, float64 copy of flat[:, start:start + w])`` for column chunks of about :data:`_CHUNK_BYTES`."""
+def _iter_chunks(flat: torch.Tensor, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, float64 copy on device of flat[:, start:start + w])`` for column chunks of about
+    :data:`_CHUNK_BYTES`."""
     rows, n = flat.shape
     width = max(1, _CHUNK_BYTES // (8 * rows))
     for start in range(0, n, width):
-        yield start, flat[:, start : start + width].to(torch.float64)
+        yield start, flat[:, start : start + width].to(device=device, dtype=torch.float64)
 
 
 def union_ritz_pairs(
@@ -93,9 +94,10 @@ def union_ritz_pairs(
     """Top-``k`` Ritz pairs of ``A`` over the union of all chains' Krylov spaces (see the module docstring).
 
     The basis is read twice in chunks of its columns (once for the Gram matrix and ``Q^T R``, once for the Ritz
-    vectors and their residual vectors), cast to float64 a chunk at a time where it lives (a float32 or host
-    basis is never copied whole). Cost: ``(mp)^2 n`` multiply-adds for the Gram matrix, about as much as the full
-    reorthogonalisation of the run, and no product with ``A``.
+    vectors and their residual vectors), each chunk cast to float64 and moved to the compute device (the device of
+    the residual vectors) on its own: a float32, host or disk basis is never copied whole, and the arithmetic runs
+    on the device wherever the basis lives. Cost: ``(mp)^2 n`` multiply-adds for the Gram matrix, about as much as
+    the full reorthogonalisation of the run, and no product with ``A``.
 
     Args:
         result: a Lanczos run with ``keep_basis=True`` (basis and final residual vectors kept).
@@ -116,11 +118,11 @@ def union_ritz_pairs(
     p, m, n = Q.shape
     rows = p * m
     flat = Q.reshape(rows, n)
-    where = Q.device
-    R = result.residuals.to(device=where, dtype=torch.float64)  # [n, p]
+    where = result.residuals.device  # the compute device
+    R = result.residuals.to(dtype=torch.float64)  # [n, p]
     G = torch.zeros((rows, rows), dtype=torch.float64, device=where)
     QtR = torch.zeros((rows, p), dtype=torch.float64, device=where)
-    for start, block in _iter_chunks(flat):
+    for start, block in _iter_chunks(flat, where):
         G += block @ block.T
         QtR += block @ R[start : start + block.shape[1]]
     G, QtR = G.cpu(), QtR.cpu()
@@ -151,13 +153,12 @@ def union_ritz_pairs(
     Wz = T @ Z - Z * values  # [rows, k]: A y - theta y = Q Wz + R E^T z
     EZ = E.T @ Z  # [p, k]
     coefficients = torch.cat([Z, Wz], dim=1).to(where)
-    out_device = result.residuals.device
-    vectors = torch.empty((n, k), dtype=torch.float64, device=out_device)
+    vectors = torch.empty((n, k), dtype=torch.float64, device=where)
     residual_vectors = torch.empty((n, k), dtype=torch.float64, device=where)
-    for start, block in _iter_chunks(flat):
+    for start, block in _iter_chunks(flat, where):
         stop = start + block.shape[1]
         both = block.T @ coefficients  # [chunk, 2k]
-        vectors[start:stop] = both[:, :k].to(out_device)
+        vectors[start:stop] = both[:, :k]
         residual_vectors[start:stop] = both[:, k:]
     residual_vectors += R @ EZ.to(where)
     residuals = torch.linalg.vector_norm(residual_vectors, dim=0).cpu().numpy()

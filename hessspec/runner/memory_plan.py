@@ -73,11 +73,12 @@ class MemoryPlan:
         )
 
     def seconds_per_checkpoint(self) -> float | None:
-        """Estimated seconds of one checkpoint: two gradient passes (the gradient and the determinism check) and
-        ``lanczos_steps x rounds`` product passes, each ``batches`` times the timed batch. None unless timed."""
+        """Estimated seconds of one checkpoint: one gradient pass (the determinism check rides on the first product
+        pass) and ``lanczos_steps x rounds`` product passes, each ``batches`` times the timed batch. None unless
+        timed."""
         if self.product_s is None or self.gradient_s is None:
             return None
-        return self.batches * (2 * self.gradient_s + self.lanczos_steps * self.rounds * self.product_s)
+        return self.batches * (self.gradient_s + self.lanczos_steps * self.rounds * self.product_s)
 
 
 def _forward_activation_bytes(model: nn.Module, batch, dtype: torch.dtype) -> int:
