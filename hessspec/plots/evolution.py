@@ -279,13 +279,17 @@ def plot_evolution(
     if k_eigs > 1:
         eig_handles.append(Line2D([], [], color="0.2", linewidth=0.8, alpha=0.45, label=more))
     ax_eig.legend(handles=eig_handles, loc="best")
-    ax_overlap.set_title("(b) gradient overlap")
+    ax_overlap.set_title("(b) overlap")
     ax_overlap.set_ylabel(OVERLAP_LABEL)
     rank_handles = [
         Line2D([], [], color="0.2", linestyle=style, marker=m, markersize=3.5, label=f"k = {k}")
         for k, (style, m) in zip(ranks, rank_styles, strict=True)
     ]
-    ax_overlap.legend(handles=rank_handles, loc="best")
+    # In a row above the panel, right of its title: inside, it would cover curves that run near 0 or near 1.
+    ax_overlap.legend(
+        handles=rank_handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(rank_handles), frameon=False,
+        borderaxespad=0.1, columnspacing=0.6, handlelength=1.5, handletextpad=0.3, fontsize=9,
+    )  # fmt: skip
     one_probe = any(np.any(np.isnan(s.trace_stderr)) for s in series)
     ax_trace.set_title("(c) trace (± 1 s.e.; n/a with one probe)" if one_probe else "(c) trace (± 1 s.e.)")
     ax_trace.set_ylabel(r"$\mathrm{tr}(H)$" if list(curvatures) == [WHOLE_HESSIAN[0]] else "trace")
