@@ -553,7 +553,8 @@ class HessianOperator:
         raises :class:`DeterminismError` after that pass. A pass that computes no Hessian column on some batch
         (e.g. Gauss-Newton columns alone) falls back to :meth:`check_determinism`'s own gradient pass.
         """
-        self._expected_gradient = (gradient.to(device=self.device, dtype=torch.float64), rtol or self._default_rtol())
+        rtol = self._default_rtol() if rtol is None else rtol
+        self._expected_gradient = (gradient.to(device=self.device, dtype=torch.float64), rtol)
 
     def _finish_gradient_check(self) -> None:
         if self._expected_gradient is None:
