@@ -29,7 +29,7 @@ Configurations (``--model``):
              (``--device cuda --examples 50000``)
 
 Run:  python benchmarks/vs_peers.py [--quick] [--model cnn|resnet32] [--device cpu|cuda] [--settings 90x10,20x3]
-      [--examples 2048] [--repeats 1] [--tools hessspec,pyhessian,curvlinops] [--hvp-strategy auto|vmap|loop|reverse]
+      [--examples 2048] [--repeats 1] [--tools hessspec,pyhessian,curvlinops] [--hvp-strategy auto[,vmap,...]]
       [--threads N]
 Timings are wall times of one run each (median and spread over ``--repeats``), with the process's CPU time beside
 them (user + system: with ``--threads 1`` it shows whether another process shared the core); record them in
@@ -183,7 +183,7 @@ def bench_config(
     repeats: int,
     device: torch.device,
     log: Callable[[str], None],
-    strategy: str = "auto",
+    strategies: tuple[str, ...] = ("auto",),
 ) -> None:
     """Time every tool at every setting on one model, interleaved, and print one table row per tool and setting."""
     unit_op = HessianOperator(model, batches, bn_mode=bn_modes[0])
@@ -199,7 +199,11 @@ def bench_config(
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     runners: list[tuple[str, Callable[[int, int], dict]]] = []
     for mode in bn_modes if "hessspec" in tools else []:
-        runners.append((f"hessspec (BN {mode})" if has_bn else "hessspec", _hs(model, batches, mode, strategy)))
+        for strategy in strategies:
+            name = f"hessspec (BN {mode})" if has_bn else "hessspec"
+            if len(strategies) > 1:
+                name = f"{name}, {strategy}"
+            runners.append((name, _hs(model, batches, mode, strategy)))
     suffix = " (BN eval)" if has_bn else ""
     if "pyhessian" in tools:
         runners.append((f"PyHessian{suffix}", _ph(model, batches, device)))
@@ -265,7 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--tools", default="hessspec," + ",".join(PEERS))
     parser.add_argument("--bn", choices=("both", "without", "with"), default="both")
-    parser.add_argument("--hvp-strategy", choices=BLOCK_STRATEGIES, default="auto", help="hessspec's block_strategy")
+    parser.add_argument(
+        "--hvp-strategy",
+        default="auto",
+        help=f"hessspec's block_strategy, or several separated by commas, each a row ({', '.join(BLOCK_STRATEGIES)})",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 examples, 2x2 only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -283,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(tools) - {"hessspec", *PEERS})
     if unknown:
         parser.error(f"unknown tools {unknown}")
+    strategies = tuple(t.strip() for t in args.hvp_strategy.split(",") if t.strip())
+    if not strategies or set(strategies) - set(BLOCK_STRATEGIES):
+        parser.error(f"--hvp-strategy: each of {', '.join(BLOCK_STRATEGIES)}; got {args.hvp_strategy!r}")
     missing = [t for t in tools if t in PEERS and not available(t)]
     tools = [t for t in tools if t not in missing]
 
@@ -315,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         label = f"{args.model} {'with' if batch_norm else 'without'} BN"
         modes = ["eval", "train"] if batch_norm else ["train"]
         log = lambda line: print(line, flush=True)  # noqa: E731
-        bench_config(label, model, batches, modes, settings, tools, args.repeats, device, log, args.hvp_strategy)
+        bench_config(label, model, batches, modes, settings, tools, args.repeats, device, log, strategies)
 
 
 if __name__ == "__main__":

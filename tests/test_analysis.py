@@ -133,7 +133,7 @@ def test_result_metadata(digits_problem):
     assert r.loss > 0 and r.grad_norm > 0
     assert set(r.timings) >= {"gradient", "lanczos", "hvp"} and r.elapsed_s > 0
     assert r.settings["lanczos_steps"] == 90 and r.settings["probes"] == 10
-    assert r.settings["block_strategy"] == "vmap"  # resolved from "auto" (an MLP)
+    assert r.settings["block_strategy"] == "traced"  # resolved from "auto" (an MLP)
 
 
 def test_same_seed_is_bit_identical_and_model_untouched():

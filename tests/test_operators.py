@@ -35,7 +35,7 @@ def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "loop", "reverse"])
+@pytest.mark.parametrize("strategy", ["traced", "vmap", "loop", "reverse"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize(("bn", "bn_mode"), [(False, "train"), (True, "train"), (True, "eval")])
 def test_dense_hessian_matches_double_backward(kind, bn, bn_mode, strategy):
@@ -181,7 +181,7 @@ def test_determinism_check_catches_randomness():
     HessianOperator(_model("mlp", True), [(x, y)]).check_determinism()
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "loop", "reverse"])
+@pytest.mark.parametrize("strategy", ["traced", "vmap", "loop", "reverse"])
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_determinism_check_rides_on_the_next_product_pass(strategy, chunk):
     """expect_gradient: the next product pass compares the batch gradients it computes on the way (weighted exactly,
@@ -200,8 +200,10 @@ def test_determinism_check_rides_on_the_next_product_pass(strategy, chunk):
         handle.remove()
     assert torch.equal(checked, plain)
     # As many forwards per batch as without the check: one per column under loop, one per chunk of columns under
-    # vmap, one under reverse.
-    forwards = {"loop": V.shape[1], "vmap": -(-V.shape[1] // (chunk or V.shape[1])), "reverse": 1}[strategy]
+    # vmap, one under reverse; none under traced, whose graphs do not call the module and whose primal results
+    # are kept from the first pass.
+    forwards = {"loop": V.shape[1], "vmap": -(-V.shape[1] // (chunk or V.shape[1])), "reverse": 1, "traced": 0}
+    forwards = forwards[strategy]
     assert len(calls) == forwards * len(op.batches)
     # A gradient that differs by 1e-9 relative (above the float64 tolerance of 1e-10) is caught, once.
     op.expect_gradient(g * (1 + 1e-9))
@@ -258,11 +260,15 @@ def test_to_scipy_agrees():
 def test_block_strategy_choice():
     model = _model("cnn", True)
     batches = ref.make_batches(*_data("cnn"), BATCH)
-    assert HessianOperator(model, batches).block_strategy == "vmap"
-    assert HessianOperator(model, batches, bn_mode="eval").block_strategy == "vmap"
-    assert HessianOperator(model, batches, bn_mode="population").block_strategy == "vmap"
-    assert HessianOperator(_model("cnn", False), batches).block_strategy == "vmap"
-    assert HessianOperator(_model("mlp", True), ref.make_batches(*_data("mlp"), BATCH)).block_strategy == "vmap"
+    assert HessianOperator(model, batches).block_strategy == "traced"
+    assert HessianOperator(model, batches, bn_mode="eval").block_strategy == "traced"
+    assert HessianOperator(model, batches, bn_mode="population").block_strategy == "traced"
+    assert HessianOperator(_model("cnn", False), batches).block_strategy == "traced"
+    assert HessianOperator(_model("mlp", True), ref.make_batches(*_data("mlp"), BATCH)).block_strategy == "traced"
+    # Compiled products: torch.func's vmap (the traced graphs are not compiled).
+    assert HessianOperator(model, batches, compile=True).block_strategy == "vmap"
+    with pytest.raises(ValueError, match="traced"):
+        HessianOperator(model, batches, block_strategy="traced", compile=True)
     # Attention on the CPU: reverse-over-reverse.
     attention = nn.MultiheadAttention(6, 2, batch_first=True).double()
 
@@ -312,9 +318,11 @@ def test_auto_falls_back_to_autograd_for_models_torch_func_cannot_transform():
     with pytest.raises(RuntimeError, match="functorch transforms"):
         HessianOperator(model, batches, block_strategy="vmap").loss_and_gradient()
     op = HessianOperator(model, batches)
-    assert op.block_strategy == "vmap"
+    assert op.block_strategy == "traced"
     loss, gradient = op.loss_and_gradient()
     assert op.block_strategy == "reverse"
+    # Tracing failed first, then torch.func untraced: both reasons are kept.
+    assert op.strategy_fallback.startswith("traced: ") and "; then torch.func failed" in op.strategy_fallback
     f, theta = ref.module_loss(model, batches, "train")
     assert abs(loss - float(f(theta))) <= 1e-14 * abs(loss)
     leaf = theta.clone().requires_grad_(True)

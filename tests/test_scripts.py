@@ -394,4 +394,4 @@ def test_vs_peers_benchmark_smoke_run():
     for row in rows:
         assert row[1] == "2x2"
         assert float(row[3]) > 0 and float(row[4]) > 0 and np.isfinite(float(row[7].rstrip(" |")))
-        assert row[6].endswith(("(whole SLQ)", "vmap)", "reverse)", "loop)"))
+        assert row[6].endswith(("(whole SLQ)", "traced)", "vmap)", "reverse)", "loop)"))

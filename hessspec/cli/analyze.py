@@ -80,6 +80,23 @@ def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
         raise click.BadParameter(str(error), param_hint=option) from None
 
 
+def _primal_cache(value: str) -> int | str:
+    """``--primal-cache``: "auto", "off", or a size in bytes with an optional K/M/G/T suffix (powers of 1024)."""
+    text = value.strip().lower()
+    if text in ("auto", "off"):
+        return text
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    number, factor = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text.removesuffix("b"), 1)
+    try:
+        size = float(number)
+    except ValueError:
+        size = -1.0
+    if not size >= 0:
+        msg = f"--primal-cache must be auto, off or a size such as 8G or 500M; got {value!r}"
+        raise click.BadParameter(msg)
+    return int(size * factor)
+
+
 def _choose(value: str | None, factory: str | None, option: str, factory_option: str) -> str:
     if value and factory:
         msg = f"give {option} or {factory_option}, not both"
@@ -273,10 +290,19 @@ class _Reporter:
     help="Older spelling: cpu is --basis-placement host.",
 )  # fmt: skip
 @click.option(
-    "--hvp-strategy", "block_strategy", type=click.Choice(["auto", "vmap", "loop", "reverse"]), default="auto",
-    help="How one data pass serves all probes: vmap (torch.func, primal once), loop (a pass per probe), reverse "
-    "(plain autograd, double backward); auto picks one and falls back to reverse for models torch.func cannot "
-    "transform. Changes rounding only.",
+    "--hvp-strategy", "block_strategy", type=click.Choice(["auto", "traced", "vmap", "loop", "reverse"]),
+    default="auto",
+    help="How one data pass serves all probes: traced (forward-over-reverse traced once, the primal kept across "
+    "passes, tangents per probe), vmap (torch.func, primal once per pass), loop (a pass per probe), reverse (plain "
+    "autograd, double backward); auto picks traced (reverse on the CPU for attention) and falls back to vmap, then "
+    "reverse, for models it cannot trace or torch.func cannot transform. Changes rounding only.",
+)  # fmt: skip
+@click.option(
+    "--primal-cache", "primal_cache", default="auto", show_default=True, metavar="auto|off|SIZE",
+    callback=lambda _ctx, _param, value: _primal_cache(value),
+    help="Memory for keeping each batch's primal results (forward pass, gradient, what the tangents read) across "
+    "the passes of the traced strategy: auto is a quarter of the available memory, SIZE e.g. 8G or 500M. Batches "
+    "past it are recomputed every pass. Changes no number.",
 )  # fmt: skip
 @click.option(
     "--compile", "compile_products", is_flag=True,
@@ -373,6 +399,7 @@ def analyze(
     basis_device: str,
     block_strategy: str,
     compile_products: bool,
+    primal_cache: int | str,
     curvatures: tuple[str, ...],
     blocks: tuple[str, ...],
     crosscheck: bool,
@@ -422,6 +449,7 @@ def analyze(
         params=params,
         block_strategy=block_strategy,
         compile=compile_products,
+        primal_cache=primal_cache,
         loss=loss,
         loss_factory=loss_factory.strip() if loss_factory else None,
         data_placement=data_placement,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -23,6 +23,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 from hessspec.curvature.compiled import CompiledFunctions
 from hessspec.curvature.compiled import first_line as _first_line
 from hessspec.curvature.losses import Loss, MeanLoss, get_loss
+from hessspec.curvature.primal_cache import PrimalCache, cache_budget, tensor_bytes
 from hessspec.curvature.problem import (
     ATTENTION_KERNEL,
     Batch,
@@ -33,17 +34,29 @@ from hessspec.curvature.problem import (
     model_arguments,
     set_population_statistics,
 )
+from hessspec.curvature.traced import TracedProduct, TraceError, batch_signature, trace_product
 from hessspec.data.placement import BatchSource, as_batch_source, batch_to
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-BLOCK_STRATEGIES = ("auto", "vmap", "loop", "reverse")
+BLOCK_STRATEGIES = ("auto", "traced", "vmap", "loop", "reverse")
 ParamSelector = Sequence[str] | Callable[[str, nn.Parameter], bool] | None
+
+
+_TRACE_FAILED = False  # set by the first failed trace of the process (see HessianOperator's "auto")
 
 
 def _has_attention(model: nn.Module) -> bool:
     """Whether ``model`` holds an attention layer (``nn.MultiheadAttention``, or a module named ``*Attention*``, as
     Hugging Face and timm name theirs)."""
     return any(isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__ for m in model.modules())
+
+
+def _traceable(batch: Batch) -> Batch:
+    # A mapping torch's pytree does not open (a UserDict such as transformers' BatchEncoding) as a plain dict, whose
+    # tensors the traced graphs take as inputs; the model gets the same keyword arguments from either.
+    if isinstance(batch, Mapping) and type(batch) is not dict:
+        return dict(batch)
+    return batch
 
 
 class DeterminismError(RuntimeError):
@@ -138,22 +151,28 @@ class HessianOperator:
         all_reduce: sums a tensor in place across processes (data-parallel analysis), or None. Each process holds
             a disjoint shard of the batches; sums are weighted by the global number of units.
         vmap_chunk_size: evaluate at most this many columns of a block at once (bounds memory); None for all.
-        block_strategy: how a block's columns are evaluated: "vmap" (one vectorised forward-over-reverse pass, the
-            primal computed once for all columns), "loop" (one forward-over-reverse pass per column), "reverse"
-            (plain autograd: the batch gradient's graph is built once, then one backward through it per column;
-            works for any twice-differentiable model and loss), or "auto": "reverse" on the CPU for models with
-            attention (a tiny GPT-2 measured 1.9-2.2x a gradient per column against 2.0-2.4x for "vmap"), "vmap"
-            otherwise (the CIFAR CNN of benchmarks/vs_peers.py at 11 columns, one thread: 1.42x against 1.51x
-            without BN, 1.91x against 2.26x with BN in train mode, 1.46x against 1.66x in eval mode;
-            benchmarks/RESULTS.md). Before its first product "auto"
-            checks torch.func on the first batch against "reverse" (the gradient and a two-column product) and
+        block_strategy: how a block's columns are evaluated: "traced" (forward-over-reverse traced once per batch
+            shape and split into a primal graph, run once per batch, and a tangent graph, run per column; the primal
+            results are kept across passes within ``primal_cache``; see :mod:`hessspec.curvature.traced`), "vmap"
+            (one vectorised forward-over-reverse pass, the primal computed once for all columns), "loop" (one
+            forward-over-reverse pass per column), "reverse" (plain autograd: the batch gradient's graph is built
+            once, then one backward through it per column; works for any twice-differentiable model and loss), or
+            "auto": "reverse" on the CPU for models with attention (a tiny GPT-2 measured 1.9-2.2x a gradient per
+            column against 2.0-2.4x for "vmap"), "vmap" under ``compile``, "traced" otherwise (the CIFAR CNN of
+            benchmarks/vs_peers.py, one thread, 10 columns: benchmarks/RESULTS.md). Before its first product "auto"
+            checks its choice on the first batch against "reverse" (the gradient and a two-column product); a model
+            that cannot be traced (Python branching on tensor values, ...) or whose trace disagrees gets "vmap",
+            checked alike, and it
             switches to "reverse" when torch.func fails in any way (an ``autograd.Function`` without
             ``setup_context``, an op or a built-in loss without a forward-mode derivative, e.g. ``F.huber_loss``;
             with reduction "mean", ``F.mse_loss``'s forward-mode rule, ``mse_loss_double_backward``, divides
             ``2 * tangent`` in place by the number of elements, and the tangent of the target, which has none, is an
-            immutable efficient zero: "ZeroTensors are immutable") or disagrees; the reason is kept in
+            immutable efficient zero: "ZeroTensors are immutable") or disagrees; the reasons are kept in
             :attr:`strategy_fallback`. The choice changes only rounding, and it is deterministic, so the same seed
             gives the same results.
+        primal_cache: under "traced", keep each batch's primal results across passes within this budget: "auto" (a
+            quarter of the memory available on the device when the first batch is kept), a number of bytes, or
+            0/None/"off" (see :mod:`hessspec.curvature.primal_cache`). It changes no number.
         compile: evaluate the per-batch products and gradients through ``torch.compile`` (inductor; see
             :mod:`hessspec.curvature.compiled`), under any strategy. Results differ from eager ones by rounding only.
             Where compilation fails the operator runs eagerly, warns once and keeps the reason in
@@ -180,6 +199,7 @@ class HessianOperator:
         vmap_chunk_size: int | None = None,
         block_strategy: str = "auto",
         compile: bool = False,
+        primal_cache: int | str | None = "auto",
     ) -> None:
         check_bn_mode(bn_mode)
         check_block_strategy(block_strategy)
@@ -201,10 +221,34 @@ class HessianOperator:
         self._all_reduce = all_reduce
         self.vmap_chunk_size = vmap_chunk_size
         self.param_names = _select(model, params)
+        if compile and block_strategy == "traced":
+            msg = "compile applies to the 'vmap', 'loop' and 'reverse' strategies, not to 'traced'"
+            raise ValueError(msg)
+        subset = len(self.param_names) < sum(1 for _ in model.parameters())
+        if subset and block_strategy == "traced":
+            # On torch 2.14 the trace fails inside forward-mode AD (an internal assertion under fake tensors) when
+            # parameters outside the Hessian are the model's inputs beside the traced ones.
+            msg = "the 'traced' strategy needs every parameter of the model in the Hessian; use 'vmap' for a subset"
+            raise ValueError(msg)
         self._auto = block_strategy == "auto"
         if block_strategy == "auto":
-            block_strategy = "reverse" if (self.device.type == "cpu" and _has_attention(model)) else "vmap"
+            if self.device.type == "cpu" and _has_attention(model):
+                block_strategy = "reverse"
+            elif compile or subset or _TRACE_FAILED:
+                # Not traced: compiled products (torch.compile works on torch.func's functions), a parameter subset
+                # (see above), or a process where a trace failed before (later traces can fail alike).
+                block_strategy = "vmap"
+            else:
+                block_strategy = "traced"
         self.block_strategy = block_strategy
+        # "traced": one split graph per batch structure (or why it could not be traced), and the primal results
+        # kept across passes (hessspec.curvature.traced, hessspec.curvature.primal_cache).
+        self._traced: dict[tuple, TracedProduct | TraceError] = {}
+        self._primal_cache = PrimalCache(cache_budget(primal_cache))
+        # Tangents a column at a time on the CPU (as fast as vmap there, and one column's memory), vectorised with
+        # vmap elsewhere (one kernel per operation for the whole block).
+        self._vectorised_tangents = self.device.type != "cpu"
+        self._batch_index = 0
         self.strategy_fallback: str | None = None
         self._compiled = CompiledFunctions(self.device, self.dtype) if compile else None
         self._strategy_settled = False
@@ -250,8 +294,14 @@ class HessianOperator:
         self.shape = (self.theta.numel(), self.theta.numel())
 
     # -- the data loop: the only place that iterates over batches and weights them --------------------------------
-    def _weighted_batches(self) -> Iterator[tuple[Batch, float, float]]:
-        """``(batch, 1 / its units, its share of all units)`` for every batch holding at least one unit."""
+    def _weighted_batches(self, need_data: bool = True) -> Iterator[tuple[Batch, float, float]]:
+        """``(batch, 1 / its units, its share of all units)`` for every batch holding at least one unit; with
+        ``need_data`` False the batches are not read (None in their place)."""
+        if not need_data:
+            for scale, weight in zip(self._scales, self._weights, strict=True):
+                if weight > 0:
+                    yield None, scale, weight
+            return
         # Every batch on the device, wherever the data live (hessspec.data.placement); a batch already in the
         # operator's device and dtype passes unchanged.
         batches = (batch_to(batch, self.device, self.dtype) for batch in self.batches)
@@ -259,8 +309,13 @@ class HessianOperator:
             if weight > 0:
                 yield batch, scale, weight
 
-    def _accumulate(self, per_batch: Callable[[Batch, float], torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+    def _accumulate(
+        self, per_batch: Callable[[Batch, float], torch.Tensor], shape: Sequence[int], need_data: bool = True
+    ) -> torch.Tensor:
         """``sum_b weight_b * per_batch(b, scale_b)`` in float64 over this process's batches (not yet reduced).
+
+        ``_batch_index`` holds the batch's position in the pass while ``per_batch`` runs (the primal cache's key);
+        with ``need_data`` False the data are not read and ``per_batch`` gets None for each batch.
 
         While a determinism check is pending (:meth:`expect_gradient`), the batch gradients that the products
         compute on the way (``_batch_grad``) are summed alike into ``_pass_gradient``.
@@ -269,7 +324,8 @@ class HessianOperator:
         checking = self._expected_gradient is not None
         gradient = torch.zeros(self.n, dtype=torch.float64, device=self.device) if checking else None
         complete = True
-        for batch, scale, weight in self._weighted_batches():
+        for index, (batch, scale, weight) in enumerate(self._weighted_batches(need_data)):
+            self._batch_index = index
             self._batch_grad = None
             out.add_(per_batch(batch, scale).to(torch.float64), alpha=weight)
             if gradient is not None:
@@ -297,6 +353,12 @@ class HessianOperator:
     def _batch_loss(self, theta: torch.Tensor, batch: Batch, scale: float) -> torch.Tensor:
         """The batch's mean loss over its units (``scale`` = 1 / its units)."""
         return self.loss(self._forward(theta, batch), batch) * scale
+
+    def _loss_with(self, theta: torch.Tensor, fixed: dict[str, torch.Tensor], batch: Batch, scale: Any) -> torch.Tensor:
+        # _batch_loss with the fixed parameters and buffers as an argument (inputs of a traced graph, not constants).
+        args, kwargs = model_arguments(batch)
+        output = functional_call(self._model, {**fixed, **self._unflatten(theta)}, args, kwargs)
+        return self.loss(output, batch) * scale
 
     def _gradient_torch_func(self, theta: torch.Tensor, batch: Batch, scale: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return grad_and_value(self._batch_loss)(theta, batch, scale)
@@ -343,6 +405,59 @@ class HessianOperator:
             parts.append(HV)
         return g, (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
 
+    def _traced_product(self, batch: Batch, scale: torch.Tensor) -> TracedProduct:
+        """The split graphs of ``batch``'s structure, traced on first use (raises the TraceError of a failed trace)."""
+        key = batch_signature(batch)
+        traced = self._traced.get(key)
+        if traced is None:
+            if not self._loss_checked:  # the loss's one-off check of the model's output runs eagerly
+                with torch.no_grad():
+                    self._forward(self.theta, batch)
+
+            def product(theta: torch.Tensor, scale_: torch.Tensor, inputs: Any, v: torch.Tensor):
+                fixed, b = inputs
+                return jvp(lambda t: grad(self._loss_with)(t, fixed, b, scale_), (theta,), (v,))
+
+            try:
+                traced = trace_product(product, self.theta, scale, (self._fixed, batch))
+            except TraceError as error:
+                global _TRACE_FAILED
+                _TRACE_FAILED = True
+                traced = error
+            self._traced[key] = traced
+        if isinstance(traced, TraceError):
+            raise traced
+        return traced
+
+    def _scale_tensor(self, scale: float) -> torch.Tensor:
+        # The model's dtype, as a Python float scale would be converted: the same arithmetic as eagerly.
+        return torch.tensor(scale, dtype=self.dtype, device=self.device)
+
+    def _resident_storages(self) -> set[int]:
+        # Storages held anyway, not counted against the primal cache's budget: parameters, fixed tensors, and the
+        # batches when they live on the device.
+        tensors = [self.theta, *self._fixed.values()]
+        if getattr(self.batches, "placement", None) == "device":
+            from torch.utils._pytree import tree_leaves
+
+            tensors += [t for b in self.batches for t in tree_leaves(b) if isinstance(t, torch.Tensor)]
+        return {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+
+    def _hvp_traced(self, V: torch.Tensor, batch: Batch, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # (the batch gradient, H_b V): the primal from the cache, or computed (and offered to the cache).
+        entry = self._primal_cache.get(self._batch_index)
+        if entry is None:
+            batch = _traceable(batch)
+            scale_t = self._scale_tensor(scale)
+            traced = self._traced_product(batch, scale_t)
+            g, saved = traced.primal(self.theta, scale_t, (self._fixed, batch))
+            entry = (traced, g, saved)
+            cache = self._primal_cache
+            if cache.enabled and not cache.full:
+                cache.offer(self._batch_index, entry, tensor_bytes((g, saved), self._resident_storages()), self.device)
+        traced, g, saved = entry
+        return g, traced.tangents(saved, V, self._vectorised_tangents, self.vmap_chunk_size)
+
     def _product_function(self, strategy: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         """The pure per-batch product ``(theta, V, batch, scale) -> (batch gradient, H_b V)`` of ``strategy``."""
         if strategy == "reverse":
@@ -377,6 +492,10 @@ class HessianOperator:
     def _batch_hvp(self, V: torch.Tensor, batch: Batch, scale: float, strategy: str) -> torch.Tensor:
         if strategy != "reverse":
             _load_jvp_decompositions()
+        if strategy == "traced":
+            g, HV = self._hvp_traced(V, batch, scale)
+            self._batch_grad = g.detach()
+            return HV
         function = self._product_function(strategy)
         if self._compiled is None:
             g, HV = function(self.theta, V, batch, scale)
@@ -400,15 +519,26 @@ class HessianOperator:
         # Eager on both sides, also under ``compile``: the check is about torch.func's derivatives, which compiling
         # does not change, and a compiled two-column product would compile a graph that nothing else uses.
         _load_jvp_decompositions()
+        checks = []
         try:
             g, _ = self._gradient_torch_func(self.theta, batch, scale)
-            HV = self._hvp_torch_func(self.theta, V, batch, scale, self.block_strategy)[1]
+            if self.block_strategy == "traced":
+                batch = _traceable(batch)
+                scale_t = self._scale_tensor(scale)
+                traced = self._traced_product(batch, scale_t)
+                g_primal, saved = traced.primal(self.theta, scale_t, (self._fixed, batch))
+                HV = traced.tangents(saved, V, self._vectorised_tangents, self.vmap_chunk_size)
+                checks.append(("traced gradient", g_primal))
+            else:
+                HV = self._hvp_torch_func(self.theta, V, batch, scale, self.block_strategy)[1]
+        except TraceError as error:
+            return str(error)
         except Exception as error:
             return f"torch.func failed: {_first_line(error)}"
         g_ref, _ = self._gradient_reverse(self.theta, batch, scale)
         HV_ref = self._hvp_reverse(self.theta, V, batch, scale)[1]
         tol = float(torch.finfo(self.dtype).eps) ** 0.5
-        for name, a, b in (("gradient", g, g_ref), ("product", HV, HV_ref)):
+        for name, a, b in (("gradient", g, g_ref), ("product", HV, HV_ref), *((n, t, g_ref) for n, t in checks)):
             a, b = a.to(torch.float64), b.to(torch.float64)
             scale_b = float(torch.linalg.vector_norm(b))
             diff = float(torch.linalg.vector_norm(a - b))
@@ -423,10 +553,20 @@ class HessianOperator:
         batch, scale, _ = next(self._weighted_batches(), (None, 0.0, 0.0))
         reason = None if batch is None else self._torch_func_disagrees(batch, scale)
         # Every process of a data-parallel run must switch alike: any process's reason switches all.
+        if self.block_strategy == "traced":
+            flag = torch.tensor([0.0 if reason is None else 1.0], dtype=torch.float64, device=self.device)
+            if float(self._reduce(flag)[0]) > 0:
+                # Untraceable (data-dependent control flow, ...): torch.func without the trace, checked alike.
+                self.block_strategy = "vmap"
+                self.strategy_fallback = f"traced: {reason or 'failed on another process'}"
+                reason = None if batch is None else self._torch_func_disagrees(batch, scale)
         flag = torch.tensor([0.0 if reason is None else 1.0], dtype=torch.float64, device=self.device)
         if float(self._reduce(flag)[0]) > 0:
+            traced_reason = self.strategy_fallback
             self.block_strategy = "reverse"
             self.strategy_fallback = reason or "torch.func failed on another process"
+            if traced_reason is not None:
+                self.strategy_fallback = f"{traced_reason}; then {self.strategy_fallback}"
         self._strategy_settled = True
 
     def _run(self, compute: Callable[[str], torch.Tensor]) -> torch.Tensor:
@@ -480,7 +620,11 @@ class HessianOperator:
         Vc = aligned_columns(V, self.dtype)
 
         def compute(strategy: str) -> torch.Tensor:
-            return self._accumulate(lambda batch, scale: self._batch_hvp(Vc, batch, scale, strategy), V.shape)
+            # With every batch's primal kept (strategy "traced"), a pass evaluates tangents only: no data read.
+            kept = strategy == "traced" and self._primal_cache.holds_all(sum(w > 0 for w in self._weights))
+            return self._accumulate(
+                lambda batch, scale: self._batch_hvp(Vc, batch, scale, strategy), V.shape, need_data=not kept
+            )
 
         out = self._reduce(self._run(compute))
         self._finish_gradient_check()

@@ -48,8 +48,12 @@ class AnalysisJob:
             default: its head's for a Hugging Face model (resolved when the model is built), else cross-entropy.
         loss_factory: ``module:function`` or ``FILE.py:function`` of a loss ``f(output, batch) -> scalar`` (the
             batch's mean over examples), instead of ``loss``.
-        block_strategy: how the operator evaluates a block of probes ("auto", "vmap", "loop" or "reverse"; see
-            :class:`~hessspec.curvature.hessian.HessianOperator`). It changes rounding only, so resuming ignores it.
+        block_strategy: how the operator evaluates a block of probes ("auto", "traced", "vmap", "loop" or
+            "reverse"; see :class:`~hessspec.curvature.hessian.HessianOperator`). It changes rounding only, so
+            resuming ignores it.
+        primal_cache: under "traced", the memory kept for the primal results of every batch across passes:
+            "auto", "off" or a number of bytes (see :mod:`hessspec.curvature.primal_cache`). It changes no number,
+            so resuming ignores it.
         compile: evaluate the per-batch products through ``torch.compile`` (see
             :mod:`hessspec.curvature.compiled`). It changes rounding only, so resuming ignores it.
         data_placement: where the data live between passes: "auto", "device", "host" or "stream" (see
@@ -73,6 +77,7 @@ class AnalysisJob:
     device: str = "auto"
     params: str | None = None
     block_strategy: str = "auto"
+    primal_cache: int | str = "auto"
     compile: bool = False
     loss: str | None = None
     loss_factory: str | None = None

@@ -152,6 +152,7 @@ def make_plan(prepared, *, timed: bool = False) -> MemoryPlan:
         params=prepared.selector,
         dtype=prepared.dtype,
         block_strategy=prepared.job.block_strategy,
+        primal_cache=prepared.job.primal_cache,
         compile=prepared.job.compile,
         loss=prepared.loss,
     )

@@ -444,6 +444,7 @@ def analyze_loaded(
         dtype=prepared.dtype,
         all_reduce=all_reduce,
         block_strategy=prepared.job.block_strategy,
+        primal_cache=prepared.job.primal_cache,
         compile=prepared.job.compile,
         loss=prepared.loss,
     )

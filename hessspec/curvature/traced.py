@@ -1,0 +1,195 @@
+"""Traced forward-over-reverse products: the primal split from the tangents, and kept across passes.
+
+Under the "traced" block strategy a batch's product ``(theta, v) -> (g_b, H_b v)`` (``jvp`` of ``grad``, as under
+"vmap") is traced once per batch structure with ``make_fx`` into a graph of aten operations, and the graph is cut in
+two along its dependence on ``v``:
+
+* the **primal** graph ``(theta, scale, batch) -> (g_b, saved)`` computes everything that does not depend on ``v``:
+  the forward pass, the gradient, and the intermediates the tangents read (activations, ReLU and pooling masks,
+  batch statistics) — once per batch and pass, however many columns the pass has;
+* the **tangent** graph ``(saved, v) -> H_b v`` is everything else. It is linear in ``v`` and is evaluated once per
+  column (on the CPU, where a column at a time is as fast as a vectorised block and holds one column's tangents) or
+  vectorised over the block's columns with ``vmap`` (on a GPU).
+
+The operations are those of the eager ``jvp`` of ``grad``, in the same order, so a column's product is the eager
+one's to the last bit (``tests/test_traced.py``); the same sub-expression traced twice (the jvp's primal recomputes
+part of the forward pass) is evaluated once.
+
+Because ``saved`` is all the tangents need, it can be kept: the operator keeps each batch's ``saved`` across passes
+while they fit in its memory budget (``primal_cache``), and a pass whose batches are all kept evaluates tangents only
+and does not read the data again. Over the 90 passes of an SLQ run the primal is then paid once instead of 90 times.
+
+Tracing is symbolic (``tracing_mode="fake"``): a model whose Python code branches on the *values* of its tensors (a
+data-dependent ``if``) cannot be traced, and is not silently specialised to the first batch; the error makes the
+operator fall back to another strategy (:class:`TraceError`). A graph that would mutate a tensor in place is refused
+the same way, so no saved intermediate can be changed by a later operation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+_PLAIN = (int, float, bool, str, type(None))  # batch leaves that may be baked into a graph as constants
+_ASSERTS = {torch.ops.aten.is_same_size.default, torch.ops.aten._has_same_storage_numel.default}
+
+
+class TraceError(RuntimeError):
+    """The product could not be traced or split (data-dependent control flow, in-place mutation, ...)."""
+
+
+def batch_signature(batch: Any) -> tuple:
+    """What a traced graph is specialised to: the batch's structure, its tensors' shapes, dtypes and devices, and
+    its non-tensor leaves."""
+    leaves, spec = tree_flatten(batch)
+    described = tuple(
+        (tuple(x.shape), x.dtype, str(x.device)) if isinstance(x, torch.Tensor) else ("value", repr(x)) for x in leaves
+    )
+    return (str(spec), described)
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+class TracedProduct:
+    """The primal and tangent graphs of one batch structure.
+
+    Call :meth:`primal` once per batch and pass, then :meth:`tangent` per column (or :meth:`tangents` for a block).
+    """
+
+    def __init__(self, primal: fx.GraphModule, tangent: fx.GraphModule, tensor_leaves: list[int]) -> None:
+        self._primal = primal
+        self._tangent = tangent
+        self._tensor_leaves = tensor_leaves
+
+    def primal(self, theta: torch.Tensor, scale: torch.Tensor, batch: Any) -> tuple[torch.Tensor, tuple]:
+        """``(g_b, saved)``: the batch gradient and what the tangents read."""
+        leaves, _ = tree_flatten(batch)
+        g, saved = self._primal(theta, scale, *(leaves[i] for i in self._tensor_leaves))
+        return g, tuple(saved)
+
+    def tangent(self, saved: tuple, v: torch.Tensor) -> torch.Tensor:
+        """``H_b v`` for one column ``v`` (contiguous, [n])."""
+        return self._tangent(*saved, v)
+
+    def tangents(self, saved: tuple, V: torch.Tensor, vectorised: bool, chunk: int | None = None) -> torch.Tensor:
+        """``H_b V`` for a block ``V`` [n, p]: one column at a time, or vectorised with ``vmap`` in chunks."""
+        if not vectorised or V.shape[1] == 1:
+            return torch.stack([self.tangent(saved, V[:, i].contiguous()) for i in range(V.shape[1])], dim=1)
+        width = chunk or V.shape[1]
+        parts = [
+            torch.func.vmap(lambda v: self._tangent(*saved, v), in_dims=1, out_dims=1)(V[:, s : s + width])
+            for s in range(0, V.shape[1], width)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def trace_product(
+    product: Callable[[torch.Tensor, torch.Tensor, Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    theta: torch.Tensor,
+    scale: torch.Tensor,
+    batch: Any,
+) -> TracedProduct:
+    """Trace ``product(theta, scale, batch, v) -> (g_b, H_b v)`` for ``batch``'s structure and split it.
+
+    Raises:
+        TraceError: tracing failed (the message says why), or the graph mutates a tensor in place.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    leaves, spec = tree_flatten(batch)
+    tensor_leaves = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    opaque = [type(x).__name__ for x in leaves if not isinstance(x, (torch.Tensor, *_PLAIN))]
+    if opaque:
+        # A container torch's pytree does not open (e.g. a UserDict such as transformers' BatchEncoding): its
+        # tensors would be baked into the graph as the first batch's constants.
+        msg = f"the product could not be traced: the batch holds a {opaque[0]}, which torch's pytree does not open"
+        raise TraceError(msg)
+
+    def flat(theta_: torch.Tensor, scale_: torch.Tensor, v: torch.Tensor, *tensors: torch.Tensor):
+        filled = list(leaves)
+        for i, t in zip(tensor_leaves, tensors, strict=True):
+            filled[i] = t
+        return product(theta_, scale_, tree_unflatten(filled, spec), v)
+
+    v0 = torch.zeros_like(theta)
+    try:
+        # Functionalised: in-place operations become out-of-place ones, so no operation can change a saved tensor.
+        functional = torch.func.functionalize(flat, remove="mutations")
+        gm = make_fx(functional, tracing_mode="fake")(theta, scale, v0, *(leaves[i] for i in tensor_leaves))
+    except Exception as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+        raise TraceError(f"the product could not be traced: {reason}") from error
+    primal, tangent = _split(gm)
+    return TracedProduct(primal, tangent, tensor_leaves)
+
+
+def _split(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
+    graph = gm.graph
+    for node in list(graph.nodes):  # the eager jvp's shape assertions: no value, no use
+        if node.op == "call_function" and node.target in _ASSERTS and not node.users:
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            # The same memory as a view where a view is possible; also valid on vmap's batched tangents.
+            node.target = torch.ops.aten.reshape.default
+    graph.eliminate_dead_code()
+    mutating = [str(n.target) for n in graph.nodes if n.op == "call_function" and _mutates(n)]
+    if mutating:
+        msg = f"the traced product mutates tensors in place ({', '.join(sorted(set(mutating))[:3])})"
+        raise TraceError(msg)
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    theta_node, scale_node, v_node, *leaf_nodes = placeholders
+    output = next(n for n in graph.nodes if n.op == "output")
+    g_node, hv_node = output.args[0]
+
+    tangent: set[fx.Node] = {v_node}
+    for node in graph.nodes:
+        if node.op == "call_function" and any(a in tangent for a in node.all_input_nodes):
+            tangent.add(node)
+    saved: list[fx.Node] = []
+    for node in graph.nodes:
+        if node in tangent:
+            saved.extend(a for a in node.all_input_nodes if a not in tangent and a not in saved)
+    if hv_node not in tangent and hv_node not in saved:  # the loss is at most linear: H_b v is a constant zero
+        saved.append(hv_node)
+
+    primal_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node in tangent or node.op == "output":
+            continue
+        if node is v_node:
+            continue
+        env[node] = primal_graph.node_copy(node, lambda a: env[a])
+    primal_graph.output((env[g_node], tuple(env[a] for a in saved)))
+
+    tangent_graph = fx.Graph()
+    tenv: dict[fx.Node, fx.Node] = {a: tangent_graph.placeholder(f"saved_{i}") for i, a in enumerate(saved)}
+    tenv[v_node] = tangent_graph.placeholder("v")
+    for node in graph.nodes:
+        if node in tangent and node is not v_node:
+            tenv[node] = tangent_graph.node_copy(node, lambda a: tenv[a])
+    tangent_graph.output(tenv[hv_node])
+
+    primal = fx.GraphModule(gm, primal_graph)
+    primal.graph.eliminate_dead_code()
+    primal = _common_subexpressions(primal)
+    del theta_node, scale_node, leaf_nodes
+    return primal, fx.GraphModule(gm, tangent_graph)
+
+
+def _common_subexpressions(gm: fx.GraphModule) -> fx.GraphModule:
+    from torch.fx.passes.dialect.common.cse_pass import CSEPass
+
+    result = CSEPass()(gm)
+    module = result.graph_module
+    module.recompile()
+    return module
