@@ -27,6 +27,7 @@ the same way, so no saved intermediate can be changed by a later operation.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -139,6 +140,7 @@ def _split(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
         elif node.op == "call_function" and node.target is torch.ops.aten.view.default:
             # The same memory as a view where a view is possible; also valid on vmap's batched tangents.
             node.target = torch.ops.aten.reshape.default
+    _drop_zero_additions(graph)
     graph.eliminate_dead_code()
     mutating = [str(n.target) for n in graph.nodes if n.op == "call_function" and _mutates(n)]
     if mutating:
@@ -184,6 +186,86 @@ def _split(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
     primal = _common_subexpressions(primal)
     del theta_node, scale_node, leaf_nodes
     return primal, fx.GraphModule(gm, tangent_graph)
+
+
+_ZEROS = {
+    torch.ops.aten.zeros.default,
+    torch.ops.aten.zeros_like.default,
+    torch.ops.aten.new_zeros.default,
+    torch.ops.aten._new_zeros_with_same_feature_meta.default,
+}
+
+
+def _same_meta(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return (
+        isinstance(va, torch.Tensor)
+        and isinstance(vb, torch.Tensor)
+        and va.shape == vb.shape
+        and va.dtype == vb.dtype
+        and va.device == vb.device
+    )
+
+
+def _zero_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value is all zeros by construction: zeros made by the differentiation rules (a tangent or a
+    gradient that does not exist), and what products, reshapes and convolutions make of them."""
+    aten = torch.ops.aten
+    reshaping = {
+        aten.reshape.default,
+        aten.view.default,
+        aten.t.default,
+        aten.permute.default,
+        aten.expand.default,
+        aten.clone.default,
+        aten.alias.default,
+        aten._to_copy.default,
+        aten.transpose.int,
+        aten.neg.default,
+    }
+    products = {aten.mm.default, aten.bmm.default, aten.mul.Tensor}
+    zero: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        args = node.args
+        if node.target in _ZEROS:
+            zero.add(node)
+        elif node.target in reshaping and args and args[0] in zero:
+            zero.add(node)
+        elif node.target in products and any(a in zero for a in args[:2]):
+            zero.add(node)
+        elif node.target is aten.threshold_backward.default and args[0] in zero:
+            zero.add(node)
+        elif node.target is aten.convolution.default and args[2] is None and (args[0] in zero or args[1] in zero):
+            zero.add(node)
+        elif node.target is operator.getitem and args[0].op == "call_function":
+            source, index = args
+            if source.target is aten.convolution_backward.default:
+                grad_output, inputs, weight = source.args[:3]
+                factors = {0: (grad_output, weight), 1: (grad_output, inputs), 2: (grad_output,)}.get(index, ())
+                if any(f in zero for f in factors):
+                    zero.add(node)
+    return zero
+
+
+def _drop_zero_additions(graph: fx.Graph) -> None:
+    """``zeros + x`` (the sum rules of forward and reverse mode start from zeros, or add a term of a tangent that
+    does not exist, such as the input's) is ``x``: the addition goes, and the zero term with it when nothing else
+    reads it. Only where nothing is broadcast or promoted; the graph is functional, so using ``x`` itself in the
+    sum's place changes no value."""
+    zero = _zero_nodes(graph)
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.add.Tensor or node.kwargs:
+            continue
+        if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+            continue
+        a, b = node.args
+        for term, other in ((a, b), (b, a)):
+            if term in zero and _same_meta(node, other):
+                node.replace_all_uses_with(other)
+                graph.erase_node(node)
+                break
 
 
 def _common_subexpressions(gm: fx.GraphModule) -> fx.GraphModule:
