@@ -14,6 +14,6 @@ def pytest_configure(config) -> None:
 def _fresh_trace_state(monkeypatch):
     # A failed trace makes "auto" avoid tracing for the rest of the process (hessspec.curvature.hessian): each test
     # starts as a fresh process would, whatever an earlier test traced.
-    import hessspec.curvature.hessian as hessian
+    import hessspec.curvature.batch_products as batch_products
 
-    monkeypatch.setattr(hessian, "_TRACE_FAILED", False)
+    monkeypatch.setattr(batch_products, "TRACE_FAILED", False)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import hessspec.curvature.batch_products as batch_products
 import hessspec.curvature.hessian as hessian_module
 from hessspec.curvature.hessian import DeterminismError, HessianOperator
 from hessspec.curvature.primal_cache import cache_budget
@@ -130,10 +131,10 @@ def test_data_dependent_control_flow_is_not_traced(monkeypatch):
     batches = ref.make_batches(x, y, 4)
     with pytest.raises(TraceError, match="could not be traced"):
         HessianOperator(model, batches, block_strategy="traced").matmat(_block(42, 1))
-    monkeypatch.setattr(hessian_module, "_TRACE_FAILED", False)  # a failed trace makes "auto" avoid tracing
+    monkeypatch.setattr(batch_products, "TRACE_FAILED", False)  # a failed trace makes "auto" avoid tracing
     op = HessianOperator(model, batches)  # auto: untraceable, so torch.func's vmap, checked against autograd
     H = op.to_dense()
-    assert hessian_module._TRACE_FAILED
+    assert batch_products.TRACE_FAILED
     assert op.block_strategy == "vmap" and op.strategy_fallback.startswith("traced: the product could not be")
     f, theta = ref.module_loss(model, batches, "train")
     H_ref = ref.dense_hessian(f, theta)

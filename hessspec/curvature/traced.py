@@ -11,9 +11,12 @@ two along its dependence on ``v``:
   column (on the CPU, where a column at a time is as fast as a vectorised block and holds one column's tangents) or
   vectorised over the block's columns with ``vmap`` (on a GPU).
 
-The operations are those of the eager ``jvp`` of ``grad``, in the same order, so a column's product is the eager
-one's to the last bit (``tests/test_traced.py``); the same sub-expression traced twice (the jvp's primal recomputes
-part of the forward pass) is evaluated once.
+The operations are those of the eager ``jvp`` of ``grad``, in the same order, so a column's product equals the eager
+one exactly (``tests/test_traced.py``; a zero's sign aside, see below). Two rewrites make the graphs cheaper without
+changing a value: the same sub-expression traced twice (the jvp's primal recomputes part of the forward pass) is
+evaluated once, and an addition of a term that is zero by construction (the tangent of an input that has none, the
+zeros a sum rule starts from, what convolutions and products make of them) is dropped with the term: ``0 + x`` is
+``x`` (up to the sign of a zero).
 
 Because ``saved`` is all the tangents need, it can be kept: the operator keeps each batch's ``saved`` across passes
 while they fit in its memory budget (``primal_cache``), and a pass whose batches are all kept evaluates tangents only
@@ -141,6 +144,7 @@ def _split(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
             # The same memory as a view where a view is possible; also valid on vmap's batched tangents.
             node.target = torch.ops.aten.reshape.default
     _drop_zero_additions(graph)
+    _drop_identity_copies(graph)
     graph.eliminate_dead_code()
     mutating = [str(n.target) for n in graph.nodes if n.op == "call_function" and _mutates(n)]
     if mutating:
@@ -266,6 +270,29 @@ def _drop_zero_additions(graph: fx.Graph) -> None:
                 node.replace_all_uses_with(other)
                 graph.erase_node(node)
                 break
+
+
+def _drop_identity_copies(graph: fx.Graph) -> None:
+    """An ``expand`` to the shape a tensor has, and a ``_to_copy`` to the dtype, device and layout it has (the sum
+    rules of batch norm's derivatives make both, copying whole activations per column) are the tensor itself: the
+    graph is functional, so nothing can tell the copy from the original."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        source = node.args[0]
+        value, before = node.meta.get("val"), source.meta.get("val")
+        if not (isinstance(value, torch.Tensor) and isinstance(before, torch.Tensor)):
+            continue
+        same = value.shape == before.shape and value.dtype == before.dtype and value.device == before.device
+        if node.target is aten.expand.default and same and not node.kwargs:
+            node.replace_all_uses_with(source)
+        elif node.target is aten._to_copy.default and same and len(node.args) == 1:
+            if set(node.kwargs) <= {"dtype", "layout", "device"} and node.kwargs.get("layout", torch.strided) in (
+                torch.strided,
+                before.layout,
+            ):
+                node.replace_all_uses_with(source)
 
 
 def _common_subexpressions(gm: fx.GraphModule) -> fx.GraphModule:
