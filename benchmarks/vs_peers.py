@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tools", default="hessspec," + ",".join(PEERS))
     parser.add_argument("--bn", choices=("both", "without", "with"), default="both")
     parser.add_argument(
+        "--bn-modes", default="eval,train", help="hessspec's BN modes on the BN model: eval, train or eval,train"
+    )
+    parser.add_argument(
         "--hvp-strategy",
         default="auto",
         help=f"hessspec's block_strategy, or several separated by commas, each a row ({', '.join(BLOCK_STRATEGIES)})",
@@ -291,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(tools) - {"hessspec", *PEERS})
     if unknown:
         parser.error(f"unknown tools {unknown}")
+    if not set(args.bn_modes.split(",")) & {"eval", "train"}:
+        parser.error(f"--bn-modes: eval, train or both; got {args.bn_modes!r}")
     strategies = tuple(t.strip() for t in args.hvp_strategy.split(",") if t.strip())
     if not strategies or set(strategies) - set(BLOCK_STRATEGIES):
         parser.error(f"--hvp-strategy: each of {', '.join(BLOCK_STRATEGIES)}; got {args.hvp_strategy!r}")
@@ -324,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         if batch_norm:
             _trained_statistics(model, batches)
         label = f"{args.model} {'with' if batch_norm else 'without'} BN"
-        modes = ["eval", "train"] if batch_norm else ["train"]
+        modes = [m for m in ("eval", "train") if m in args.bn_modes.split(",")] if batch_norm else ["train"]
         log = lambda line: print(line, flush=True)  # noqa: E731
         bench_config(label, model, batches, modes, settings, tools, args.repeats, device, log, strategies)
 

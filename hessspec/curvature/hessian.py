@@ -3,9 +3,11 @@
 ``H = sum_b (U_b / U) * H_b`` where ``H_b`` is the Hessian of batch ``b``'s mean loss over its ``U_b`` units
 (examples, or target tokens for ``lm``; see :mod:`hessspec.curvature.losses`) and ``U`` the units of all batches, so
 unequal batches (a smaller last batch, sequences with different numbers of target tokens) are weighted exactly.
-Products are computed with forward-over-reverse differentiation (``jvp`` of ``grad``, torch.func) and ``vmap`` over
-the columns of a block, so one pass over the data serves all columns, or by reverse-over-reverse (double backward)
-where that is faster or torch.func cannot transform the model or the loss; results are accumulated in float64.
+Products are computed with forward-over-reverse differentiation (``jvp`` of ``grad``, torch.func), so one pass over
+the data serves all columns of a block: by default traced once per batch shape and split into a primal part, kept
+across passes, and a tangent part per column (:mod:`hessspec.curvature.traced`), else with ``vmap`` over the columns,
+or by reverse-over-reverse (double backward) where that is faster or torch.func cannot transform the model or the
+loss (:mod:`hessspec.curvature.batch_products`); results are accumulated in float64.
 Attention runs on differentiable kernels (:func:`hessspec.curvature.problem.exact_attention`).
 """
 
