@@ -157,12 +157,17 @@ class BatchProducts:
         return traced
 
     def _scale_tensor(self, scale: float) -> torch.Tensor:
-        # The model's dtype, as a Python float scale would be converted: the same arithmetic as eagerly.
-        return torch.tensor(scale, dtype=self.dtype, device=self.device)
+        # The model's dtype, as a Python float scale would be converted: the same arithmetic as eagerly. One tensor
+        # per distinct scale, so a pass that recomputes primals copies nothing to the device per batch.
+        scales = self.__dict__.setdefault("_traced_scales", {})
+        if scale not in scales:
+            scales[scale] = torch.tensor(scale, dtype=self.dtype, device=self.device)
+        return scales[scale]
 
+    @functools.cached_property
     def _resident_storages(self) -> set[int]:
         # Storages held anyway, not counted against the primal cache's budget: parameters, fixed tensors, and the
-        # batches when they live on the device.
+        # batches when they live on the device. Collected once (they do not change), not once per batch kept.
         tensors = [self.theta, *self._fixed.values()]
         if getattr(self.batches, "placement", None) == "device":
             from torch.utils._pytree import tree_leaves
@@ -181,7 +186,7 @@ class BatchProducts:
             entry = (traced, g, saved)
             cache = self._primal_cache
             if cache.enabled and not cache.full:
-                cache.offer(self._batch_index, entry, tensor_bytes((g, saved), self._resident_storages()), self.device)
+                cache.offer(self._batch_index, entry, tensor_bytes((g, saved), self._resident_storages), self.device)
         traced, g, saved = entry
         return g, traced.tangents(saved, V, self._vectorised_tangents, self.vmap_chunk_size)
 
